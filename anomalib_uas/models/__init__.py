@@ -1,0 +1,7 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""anomalib models of the package; each is a direct ``AnomalibModule`` subclass usable by dotted path."""
+
+from anomalib_uas.models.metauas import MetaUAS
+
+__all__ = ["MetaUAS"]

@@ -1,0 +1,400 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""MetaUAS in pure PyTorch: frozen encoder, prompt-to-query feature alignment, UNet decoder and mask head.
+
+A query image and one or more normal prompt images of the same object are encoded by a frozen hierarchical
+encoder. On the three deepest levels every query position attends over the prompt positions (soft alignment:
+one shared 1x1 projection for queries and keys, the raw prompt feature as value, a softmax without scaling) and
+the aligned prompt feature is fused with the query feature. A UNet decoder turns the fused levels into a change
+logit map at input resolution; its sigmoid is the anomaly map and its maximum the image score.
+
+Prompt features live in a *prompt bank* of buffers, computed once and saved with the model. With ``retrieval``
+off every query uses the whole bank (k prompts); with it on, each query takes the ``k_shot`` bank entries whose
+global last-level features are closest in cosine similarity. Several prompts are combined by averaging their
+aligned features (the official multi-prompt path raises a NameError).
+
+Example:
+    >>> import torch
+    >>> from anomalib_uas.models.metauas.torch_model import MetaUASModel
+    >>> model = MetaUASModel(backbone="efficientnet_lite0", pretrained_backbone=False).eval()
+    >>> model.set_prompt_bank(torch.zeros(1, 3, 64, 64))
+    >>> model(torch.zeros(2, 3, 64, 64)).anomaly_map.shape
+    torch.Size([2, 64, 64])
+
+Paper:
+    Bin-Bin Gao, "MetaUAS: Universal Anomaly Segmentation with One-Prompt Meta-Learning", NeurIPS 2024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from anomalib.models.components import DynamicBufferMixin
+from torch import nn
+
+from anomalib_uas.models.components.backbones import build_encoder
+
+__all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "UNetDecoder"]
+
+ALIGNED_LEVELS = 3
+ALIGNMENTS = ("soft", "hard")
+FUSIONS = ("cat", "add", "absdiff")
+
+
+class FeatureAlignment(nn.Module):
+    """Align prompt features to a query feature map and fuse them.
+
+    Args:
+        channels: Channels of this level.
+        alignment: ``"soft"`` (attention-weighted prompt features) or ``"hard"`` (the arg-max prompt position).
+        fusion: ``"cat"`` (query and aligned prompt stacked), ``"add"`` or ``"absdiff"``.
+    """
+
+    def __init__(self, channels: int, alignment: str = "soft", fusion: str = "cat") -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(channels, channels // 2, kernel_size=1)
+        self.alignment = alignment
+        self.fusion = fusion
+
+    def align(self, query: torch.Tensor, prompts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Align the selected prompts to each query and average them.
+
+        Args:
+            query: Query features ``[B, C, h, w]``.
+            prompts: Prompt bank features ``[N, C, h, w]``.
+            index: Bank entries used by each query, ``[B, k]``.
+
+        Returns:
+            Aligned prompt features ``[B, C, h, w]``, the mean over the k prompts.
+        """
+        batch, channels, height, width = query.shape
+        queries = self.projection(query).flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, hw, C/2]
+        keys = self.projection(prompts).flatten(2)[index]  # [B, k, C/2, hw]
+        values = prompts.flatten(2)[index]  # [B, k, C, hw]
+        logits = queries @ keys  # [B, k, hw_query, hw_prompt]
+        if self.alignment == "soft":
+            aligned = values @ logits.softmax(dim=-1).transpose(-1, -2)  # [B, k, C, hw_query]
+        else:
+            best = logits.argmax(dim=-1).unsqueeze(2).expand(-1, -1, channels, -1)
+            aligned = values.gather(3, best)
+        return aligned.mean(dim=1).view(batch, channels, height, width)
+
+    def forward(self, query: torch.Tensor, prompts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Fuse the query with its aligned prompts.
+
+        Args:
+            query: Query features ``[B, C, h, w]``.
+            prompts: Prompt bank features ``[N, C, h, w]``.
+            index: Bank entries used by each query, ``[B, k]``.
+
+        Returns:
+            ``[B, 2C, h, w]`` for ``"cat"``, ``[B, C, h, w]`` otherwise.
+        """
+        aligned = self.align(query, prompts, index)
+        if self.fusion == "cat":
+            return torch.cat([query, aligned], dim=1)
+        if self.fusion == "add":
+            return query + aligned
+        return (query - aligned).abs()
+
+
+class SCSE(nn.Module):
+    """Concurrent channel and spatial squeeze-and-excitation: ``x * cSE(x) + x * sSE(x)``.
+
+    Args:
+        channels: Input channels.
+        reduction: Channel reduction of the channel gate.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.cSE = nn.Sequential(  # noqa: N815 - the official checkpoint names
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+        self.sSE = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())  # noqa: N815
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Gate the features.
+
+        Args:
+            features: ``[B, C, H, W]``.
+
+        Returns:
+            Gated features of the same shape.
+        """
+        return features * self.cSE(features) + features * self.sSE(features)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DecoderBlock(nn.Module):
+    """Upsample x2 (nearest), concatenate the skip, then two conv-BN-ReLU layers.
+
+    With a skip, SCSE gates the concatenation and the output; a block without a skip has no SCSE at all, as in
+    the decoder the official checkpoints were trained with.
+
+    Args:
+        in_channels: Channels coming from the previous block.
+        skip_channels: Channels of the skip connection, 0 for none.
+        out_channels: Output channels.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        gated = skip_channels > 0
+        self.attention1 = SCSE(in_channels + skip_channels) if gated else nn.Identity()
+        self.conv1 = _conv_bn_relu(in_channels + skip_channels, out_channels)
+        self.conv2 = _conv_bn_relu(out_channels, out_channels)
+        self.attention2 = SCSE(out_channels) if gated else nn.Identity()
+
+    def forward(self, features: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode one level.
+
+        Args:
+            features: ``[B, in_channels, h, w]``.
+            skip: ``[B, skip_channels, 2h, 2w]`` or ``None``.
+
+        Returns:
+            ``[B, out_channels, 2h, 2w]``.
+        """
+        features = F.interpolate(features, scale_factor=2.0, mode="nearest")
+        if skip is not None:
+            features = self.attention1(torch.cat([features, skip], dim=1))
+        return self.attention2(self.conv2(self.conv1(features)))
+
+
+class UNetDecoder(nn.Module):
+    """UNet decoder over five encoder levels whose deepest ``ALIGNED_LEVELS`` levels carry fused prompt features.
+
+    Args:
+        encoder_channels: Channels of the five encoder levels, shallowest first.
+        decoder_channels: Output channels of the five decoder blocks.
+        fusion_factor: 2 when fusion concatenates query and prompt features, else 1.
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int], fusion_factor: int) -> None:
+        super().__init__()
+        if len(encoder_channels) != 5 or len(decoder_channels) != 5:
+            msg = "The UNet decoder needs five encoder levels and five decoder blocks"
+            raise ValueError(msg)
+        skips = [*reversed(encoder_channels[:-1]), 0]
+        skips = [c * fusion_factor if i < ALIGNED_LEVELS - 1 else c for i, c in enumerate(skips)]
+        inputs = [encoder_channels[-1] * fusion_factor, *decoder_channels[:-1]]
+        self.blocks = nn.ModuleList(
+            DecoderBlock(i, s, o) for i, s, o in zip(inputs, skips, decoder_channels, strict=True)
+        )
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decode the levels.
+
+        Args:
+            levels: Five (fused) feature maps, shallowest first.
+
+        Returns:
+            Decoder features at input resolution.
+        """
+        features = levels[-1]
+        skips = list(reversed(levels[:-1]))
+        for index, block in enumerate(self.blocks):
+            features = block(features, skips[index] if index < len(skips) else None)
+        return features
+
+
+class MetaUASModel(DynamicBufferMixin, nn.Module):
+    """The MetaUAS network with a prompt bank.
+
+    Args:
+        backbone: Encoder name (see :func:`~anomalib_uas.models.components.backbones.build_encoder`).
+        pretrained_backbone: Load the encoder's ImageNet weights.
+        alignment: ``"soft"`` (the paper) or ``"hard"``.
+        fusion: ``"cat"`` (the paper), ``"add"`` or ``"absdiff"``.
+        decoder_channels: Output channels of the five decoder blocks.
+        k_shot: Prompts used per query.
+        retrieval: Pick each query's ``k_shot`` prompts from the bank by cosine similarity of global
+            last-level features; without it the whole bank is used.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        pretrained_backbone: bool = True,
+        alignment: str = "soft",
+        fusion: str = "cat",
+        decoder_channels: Sequence[int] = (256, 128, 64, 64, 48),
+        k_shot: int = 1,
+        retrieval: bool = False,
+    ) -> None:
+        super().__init__()
+        if alignment not in ALIGNMENTS or fusion not in FUSIONS:
+            msg = f"alignment must be one of {ALIGNMENTS} and fusion one of {FUSIONS}, got {alignment!r}, {fusion!r}"
+            raise ValueError(msg)
+        if k_shot < 1:
+            msg = f"k_shot must be at least 1, got {k_shot}"
+            raise ValueError(msg)
+        self.encoder = build_encoder(backbone, pretrained=pretrained_backbone)
+        self.encoder.requires_grad_(False)
+        channels = self.encoder.out_channels
+        self.alignment = nn.ModuleList(
+            FeatureAlignment(c, alignment, fusion) for c in reversed(channels[-ALIGNED_LEVELS:])
+        )
+        self.decoder = UNetDecoder(channels, decoder_channels, 2 if fusion == "cat" else 1)
+        self.mask_head = nn.Conv2d(decoder_channels[-1], 1, kernel_size=1)
+        self.k_shot = k_shot
+        self.retrieval = retrieval
+        for level in range(ALIGNED_LEVELS):
+            self.register_buffer(f"prompt_bank_{level}", torch.empty(0))
+
+    def train(self, mode: bool = True) -> MetaUASModel:
+        """Switch train/eval mode; the frozen encoder always stays in eval mode.
+
+        Args:
+            mode: Training mode for the alignment, decoder and head.
+
+        Returns:
+            This module.
+        """
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @property
+    def prompt_bank(self) -> list[torch.Tensor]:
+        """Prompt features of the aligned levels, deepest first, each ``[N, C, h, w]``.
+
+        Returns:
+            The three bank tensors.
+
+        Raises:
+            RuntimeError: When no prompts were set.
+        """
+        bank = [getattr(self, f"prompt_bank_{level}") for level in range(ALIGNED_LEVELS)]
+        if bank[0].numel() == 0:
+            msg = "MetaUAS has no prompt images: call set_prompt_bank() or pass prompt images to forward()."
+            raise RuntimeError(msg)
+        return bank
+
+    @property
+    def has_prompts(self) -> bool:
+        """Whether the prompt bank holds features.
+
+        Returns:
+            ``True`` once :meth:`set_prompt_bank` ran (or a checkpoint with a bank was loaded).
+        """
+        return self.prompt_bank_0.numel() > 0
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Run the frozen encoder.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``, H and W multiples of 32.
+
+        Returns:
+            Five feature maps, shallowest first.
+        """
+        with torch.no_grad():
+            return self.encoder(images)
+
+    @torch.no_grad()
+    def set_prompt_bank(self, images: torch.Tensor, batch_size: int = 16) -> None:
+        """Encode normal prompt images once and keep their aligned-level features as buffers.
+
+        Args:
+            images: Normalised prompt images ``[N, 3, H, W]``; without retrieval N must equal ``k_shot``.
+            batch_size: Images encoded at a time.
+
+        Raises:
+            ValueError: When the number of images does not fit ``k_shot``.
+        """
+        count = images.shape[0]
+        if (not self.retrieval and count != self.k_shot) or count < self.k_shot:
+            msg = f"Got {count} prompt images for k_shot={self.k_shot} (retrieval={self.retrieval})."
+            raise ValueError(msg)
+        chunks = [self.encode(images[i : i + batch_size])[-ALIGNED_LEVELS:] for i in range(0, count, batch_size)]
+        for level in range(ALIGNED_LEVELS):
+            stacked = torch.cat([chunk[ALIGNED_LEVELS - 1 - level] for chunk in chunks])
+            setattr(self, f"prompt_bank_{level}", stacked.contiguous())
+
+    def select_prompts(self, deepest_query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Choose the bank entries each query aligns to.
+
+        Args:
+            deepest_query: Query features of the deepest level ``[B, C, h, w]``.
+            bank: Bank features of the deepest level ``[N, C, h, w]``.
+
+        Returns:
+            Indices ``[B, k]``.
+        """
+        batch = deepest_query.shape[0]
+        if not self.retrieval:
+            return torch.arange(bank.shape[0], device=bank.device).expand(batch, -1)
+        query_embedding = F.normalize(deepest_query.mean(dim=(2, 3)), dim=1)
+        bank_embedding = F.normalize(bank.mean(dim=(2, 3)), dim=1)
+        return (query_embedding @ bank_embedding.T).topk(self.k_shot, dim=1).indices
+
+    def segment(
+        self,
+        query_levels: Sequence[torch.Tensor],
+        bank: Sequence[torch.Tensor],
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict change logits from query features and prompt-bank features.
+
+        Args:
+            query_levels: The five query feature maps, shallowest first.
+            bank: Prompt features of the aligned levels, deepest first, each ``[N, C, h, w]``.
+            index: Bank entries of each query ``[B, k]``.
+
+        Returns:
+            Logits ``[B, 1, H, W]``.
+        """
+        levels = list(query_levels)
+        for offset, (align, prompts) in enumerate(zip(self.alignment, bank, strict=True)):
+            level = len(levels) - 1 - offset
+            levels[level] = align(levels[level], prompts, index)
+        return self.mask_head(self.decoder(levels))
+
+    def forward(self, images: torch.Tensor, prompt_images: torch.Tensor | None = None) -> torch.Tensor | InferenceBatch:
+        """Segment anomalies.
+
+        Args:
+            images: Normalised query images ``[B, 3, H, W]``.
+            prompt_images: Optional normalised prompts for each query, ``[B, 3, H, W]`` (one each) or
+                ``[B, k, 3, H, W]``. When given, they are used instead of the prompt bank.
+
+        Returns:
+            In training mode the logits ``[B, 1, H, W]``; in eval mode an ``InferenceBatch`` with the sigmoid
+            ``anomaly_map`` ``[B, H, W]`` and ``pred_score`` (its maximum) ``[B]``.
+        """
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            logits = self._logits(images, prompt_images)
+        if self.training:
+            return logits
+        anomaly_map = logits.sigmoid().squeeze(1)
+        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
+
+    def _logits(self, images: torch.Tensor, prompt_images: torch.Tensor | None) -> torch.Tensor:
+        query_levels = self.encode(images)
+        if prompt_images is None:
+            bank = self.prompt_bank
+            index = self.select_prompts(query_levels[-1], bank[0])
+        else:
+            if prompt_images.dim() == 4:
+                prompt_images = prompt_images.unsqueeze(1)
+            batch, shots = prompt_images.shape[:2]
+            prompt_levels = self.encode(prompt_images.flatten(0, 1))
+            bank = [prompt_levels[-1 - level] for level in range(ALIGNED_LEVELS)]
+            index = torch.arange(batch * shots, device=images.device).view(batch, shots)
+        return self.segment(query_levels, bank, index)

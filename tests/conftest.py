@@ -1,0 +1,38 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: the parity fixtures folder and a deterministic CPU setup."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    path = Path(os.environ.get("UAS_PARITY_DIR", REPO.parent / "shared" / "parity"))
+    if not (path / "weights.py").is_file():
+        pytest.fail(f"Parity fixtures not found at {path}; set UAS_PARITY_DIR to the shared/parity folder.")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_weights(parity_dir: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("parity_weights", parity_dir / "weights.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["parity_weights"] = module
+    spec.loader.exec_module(module)
+    return module
