@@ -153,19 +153,25 @@ class MetaUAS(AnomalibModule):
         """
         path = resolve_weights(self.weights)
         known = known_source_of(path)
-        if known is not None and known.image_size not in {None, self.image_size}:
+        image_size = self.hparams.image_size
+        if known is not None and known.image_size not in {None, image_size}:
             msg = (
                 f"{path.name} is {known.name}, trained at {known.image_size} px, but the model runs at "
-                f"{self.image_size} px. Use image_size={known.image_size} or metauas-{self.image_size}."
+                f"{image_size} px. Use image_size={known.image_size} or metauas-{image_size}."
             )
             raise WeightsError(msg)
         state_dict = from_official(load_state_dict(path), self.model)
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        problem = f"{path} does not fit MetaUAS with backbone {self.hparams.backbone!r}"
+        try:
+            missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as exc:
+            msg = f"{problem}: {str(exc).splitlines()[1].strip()}"
+            raise WeightsError(msg) from exc
         missing = [k for k in missing if not k.startswith("prompt_bank_")]
         if missing or unexpected:
             msg = (
-                f"{path} does not fit MetaUAS with backbone {self.hparams.backbone!r}: {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
+                f"{problem}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
             )
             raise WeightsError(msg)
         self._weights_loaded = True
