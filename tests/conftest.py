@@ -36,3 +36,21 @@ def parity_weights(parity_dir: Path) -> ModuleType:
     sys.modules["parity_weights"] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated MVTec-layout dataset (64 px, two categories)."""
+    from anomalib_uas.data import DEMO_CATEGORIES, generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    return generate_demo_dataset(
+        root, categories=DEMO_CATEGORIES[:2], image_size=64, num_train=4, num_test_good=2, num_test_defect=2, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_category() -> str:
+    from anomalib_uas.data import DEMO_CATEGORIES
+
+    return DEMO_CATEGORIES[0]

@@ -26,7 +26,9 @@ def test_encoder_levels(backbone: str, channels: list[int]) -> None:
     encoder = build_encoder(backbone, pretrained=False)
     levels = encoder(torch.zeros(1, 3, 64, 64))
     assert encoder.out_channels == channels
-    assert [tuple(f.shape) for f in levels] == [(1, c, 64 // s, 64 // s) for c, s in zip(channels, (2, 4, 8, 16, 32))]
+    assert [tuple(f.shape) for f in levels] == [
+        (1, c, 64 // s, 64 // s) for c, s in zip(channels, (2, 4, 8, 16, 32), strict=True)
+    ]
 
 
 def test_encoder_without_stride_two_level_is_rejected() -> None:
@@ -81,7 +83,9 @@ def test_decoder_channel_rules_match_official_layout() -> None:
     widths = [block.conv1[0].in_channels for block in decoder.blocks]
     assert widths == [1216, 368, 160, 112, 64]
     assert isinstance(decoder.blocks[4].attention1, torch.nn.Identity)
-    levels = [torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip([48, 32, 112, 320, 896], (2, 4, 8, 16, 32))]
+    levels = [
+        torch.zeros(1, c, 64 // s, 64 // s) for c, s in zip([48, 32, 112, 320, 896], (2, 4, 8, 16, 32), strict=True)
+    ]
     assert decoder(levels).shape == (1, 48, 64, 64)
 
 
@@ -113,7 +117,10 @@ def test_k_shot_averages_aligned_prompts(lite_model: MetaUASModel) -> None:
     query_levels = lite_model.encode(query)
     prompt_levels = lite_model.encode(prompts)
     bank = [prompt_levels[-1 - level] for level in range(3)]
-    both = [align.align(query_levels[-1 - i], bank[i], torch.tensor([[0, 1]])) for i, align in enumerate(lite_model.alignment)]
+    both = [
+        align.align(query_levels[-1 - i], bank[i], torch.tensor([[0, 1]]))
+        for i, align in enumerate(lite_model.alignment)
+    ]
     for i, align in enumerate(lite_model.alignment):
         first = align.align(query_levels[-1 - i], bank[i], torch.tensor([[0]]))
         second = align.align(query_levels[-1 - i], bank[i], torch.tensor([[1]]))

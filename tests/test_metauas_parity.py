@@ -50,4 +50,6 @@ def test_cached_prompt_bank_equals_prompt_per_query(official_checkpoint: Path, p
     for pair in range(2):
         model.model.set_prompt_bank(transform(torch.from_numpy(inputs["prompt_image"][pair : pair + 1])))
         output = model.model(transform(torch.from_numpy(inputs["query_image"][pair : pair + 1])))
-        np.testing.assert_allclose(output.anomaly_map[0].numpy(), expected["anomaly_map"][pair, 0], atol=3e-5, rtol=1e-4)
+        np.testing.assert_allclose(
+            output.anomaly_map[0].numpy(), expected["anomaly_map"][pair, 0], atol=3e-5, rtol=1e-4
+        )

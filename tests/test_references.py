@@ -44,7 +44,7 @@ def test_corrupt_or_truncated_file_names_the_file(tmp_path: Path, content: bytes
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
         content = path.read_bytes()[:200]
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(ValueError, match=r"broken\.png"):
         read_image(path)
 
 
@@ -55,7 +55,7 @@ def test_list_images_folder_and_errors(tmp_path: Path) -> None:
     assert [p.name for p in list_images(tmp_path)] == ["b.png", "a.JPG"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
         list_images([tmp_path / "nope.png"])
     with pytest.raises(ValueError, match="No image files"):
         list_images(_empty(tmp_path))

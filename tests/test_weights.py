@@ -33,7 +33,7 @@ def test_known_name_offline_names_the_file_and_the_fix(offline_cache: Path) -> N
 
 
 def test_url_offline_names_the_file(offline_cache: Path) -> None:
-    with pytest.raises(WeightsNotFoundError, match="model.pth"):
+    with pytest.raises(WeightsNotFoundError, match=r"model\.pth"):
         resolve_weights("https://example.org/files/model.pth")
 
 
@@ -61,14 +61,14 @@ def test_truncated_checkpoint_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "cut.ckpt"
     torch.save({"a": torch.randn(1000)}, path)
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(WeightsError, match="cut.ckpt"):
+    with pytest.raises(WeightsError, match=r"cut\.ckpt"):
         load_state_dict(path)
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.ckpt"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)
-    with pytest.raises(WeightsError, match="evil.ckpt"):
+    with pytest.raises(WeightsError, match=r"evil\.ckpt"):
         load_state_dict(path)
 
 

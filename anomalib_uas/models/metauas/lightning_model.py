@@ -67,7 +67,7 @@ class MetaUAS(AnomalibModule):
         prompt_strategy: ``"random"``, ``"retrieval"`` or ``"pool"`` (see the module docstring).
         prompt_source: A folder or a list of normal images. Required for ``"pool"``; for ``"random"`` and
             ``"retrieval"`` it replaces the datamodule's normal training images (e.g. for predict).
-        seed: Seed of the random prompt choice.
+        seed: Seed of the random prompt choice and of the initialisation of layers no checkpoint overwrites.
         alignment: ``"soft"`` or ``"hard"``.
         fusion: ``"cat"``, ``"add"`` or ``"absdiff"``.
         pre_processor: Pre-processor, ``True`` for the official one.
@@ -98,7 +98,9 @@ class MetaUAS(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if image_size < 32 or image_size % 32:
-            msg = f"image_size must be a positive multiple of 32 (the encoder's stride), got {image_size}; use 256 or 512."
+            msg = (
+                f"image_size must be a positive multiple of 32 (the encoder stride), got {image_size}; use 256 or 512."
+            )
             raise ValueError(msg)
         if prompt_strategy not in PROMPT_STRATEGIES:
             msg = f"prompt_strategy must be one of {PROMPT_STRATEGIES}, got {prompt_strategy!r}."
@@ -113,14 +115,16 @@ class MetaUAS(AnomalibModule):
             visualizer=visualizer,
         )
         self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
-        self.model = MetaUASModel(
-            backbone=backbone,
-            pretrained_backbone=pretrained_backbone and weights is None,
-            alignment=alignment,
-            fusion=fusion,
-            k_shot=k_shot,
-            retrieval=prompt_strategy != "random",
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # layers that no checkpoint overwrites start the same for the same seed
+            self.model = MetaUASModel(
+                backbone=backbone,
+                pretrained_backbone=pretrained_backbone and weights is None,
+                alignment=alignment,
+                fusion=fusion,
+                k_shot=k_shot,
+                retrieval=prompt_strategy != "random",
+            )
         self.weights = weights
         self.prompt_strategy = prompt_strategy
         self.prompt_source = prompt_source
@@ -130,7 +134,7 @@ class MetaUAS(AnomalibModule):
         self._prompt_images: torch.Tensor | None = None
 
     @classmethod
-    def from_official_checkpoint(cls, path: str | Path, image_size: int = 256, **kwargs: Any) -> MetaUAS:  # noqa: ANN401
+    def from_official_checkpoint(cls, path: str | Path, image_size: int = 256, **kwargs: Any) -> MetaUAS:
         """Build MetaUAS from an official checkpoint (``metauas-256.ckpt`` / ``metauas-512.ckpt``).
 
         Args:
@@ -141,7 +145,9 @@ class MetaUAS(AnomalibModule):
         Returns:
             The model with the official weights loaded.
         """
-        model = cls(backbone=OFFICIAL_BACKBONE, pretrained_backbone=False, weights=str(path), image_size=image_size, **kwargs)
+        model = cls(
+            backbone=OFFICIAL_BACKBONE, pretrained_backbone=False, weights=str(path), image_size=image_size, **kwargs
+        )
         model.load_weights()
         return model
 
@@ -192,12 +198,29 @@ class MetaUAS(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """Anomalib's post-processor: score normalisation and adaptive thresholds from validation data.
+        """Anomalib's post-processor, starting from the sigmoid map's own scale.
+
+        Validation data replaces the statistics with adaptive thresholds and min-max normalisation. Without
+        validation data (predicting on a folder), scores stay the raw change probabilities and both image and
+        pixel thresholds are 0.5.
 
         Returns:
             The post-processor.
         """
-        return PostProcessor()
+        post_processor = PostProcessor()
+        for name, value in (("image", 0.5), ("pixel", 0.5)):
+            getattr(post_processor, f"_{name}_threshold").fill_(value)
+            getattr(post_processor, f"{name}_min").fill_(0.0)
+            getattr(post_processor, f"{name}_max").fill_(1.0)
+        return post_processor
+
+    def val_dataloader(self) -> list:
+        """No validation data of the model's own; the datamodule's is used when there is one.
+
+        Returns:
+            An empty list, so that ``Engine.predict`` works without a datamodule.
+        """
+        return []
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -302,7 +325,7 @@ class MetaUAS(AnomalibModule):
         super().on_load_checkpoint(checkpoint)
         self._weights_loaded = True
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:  # noqa: ANN401
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """Predict a validation batch in place (the post-processor collects its statistics from it).
 
         Args:

@@ -111,14 +111,14 @@ class SCSE(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        self.cSE = nn.Sequential(  # noqa: N815 - the official checkpoint names
+        self.cSE = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(channels, channels // reduction, 1),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels // reduction, channels, 1),
             nn.Sigmoid(),
         )
-        self.sSE = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())  # noqa: N815
+        self.sSE = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Gate the features.
@@ -323,9 +323,11 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             msg = f"Got {count} prompt images for k_shot={self.k_shot} (retrieval={self.retrieval})."
             raise ValueError(msg)
         chunks = [self.encode(images[i : i + batch_size])[-ALIGNED_LEVELS:] for i in range(0, count, batch_size)]
-        for level in range(ALIGNED_LEVELS):
-            stacked = torch.cat([chunk[ALIGNED_LEVELS - 1 - level] for chunk in chunks])
-            setattr(self, f"prompt_bank_{level}", stacked.contiguous())
+        # Lightning validates under inference mode; a normal tensor keeps the bank usable by export and autograd.
+        with torch.inference_mode(mode=False):
+            for level in range(ALIGNED_LEVELS):
+                stacked = torch.cat([chunk[ALIGNED_LEVELS - 1 - level] for chunk in chunks])
+                setattr(self, f"prompt_bank_{level}", stacked.clone(memory_format=torch.contiguous_format))
 
     def select_prompts(self, deepest_query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Choose the bank entries each query aligns to.

@@ -1,0 +1,190 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""MetaUAS through anomalib's Engine: test, checkpoints, predict, export and the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from anomalib.data import MVTecAD, PredictDataset
+from anomalib.deploy import ExportType, TorchInferencer
+from anomalib.engine import Engine
+
+from anomalib_uas.models import MetaUAS
+from anomalib_uas.models.components.transforms import AlignCornersResize
+
+pytestmark = pytest.mark.slow
+
+METRICS = {"image_AUROC", "image_AUPR", "image_F1Max", "pixel_AUROC", "pixel_AUPR", "pixel_F1Max", "pixel_AUPRO"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _datamodule(root: Path, category: str) -> MVTecAD:
+    return MVTecAD(root=root, category=category, train_batch_size=4, eval_batch_size=4, num_workers=0)
+
+
+def _engine(path: Path) -> Engine:
+    return Engine(default_root_dir=path, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def normal_pool(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pool = tmp_path_factory.mktemp("pool")
+    for good in sorted(demo_root.glob("*/train/good")):
+        shutil.copytree(good, pool / good.parents[1].name)
+    return pool
+
+
+@pytest.mark.parametrize(("strategy", "k_shot"), [("random", 1), ("random", 2), ("retrieval", 2), ("pool", 1)])
+def test_engine_test_with_every_prompt_strategy(
+    demo_root: Path, demo_category: str, normal_pool: Path, tmp_path: Path, strategy: str, k_shot: int
+) -> None:
+    source = str(normal_pool) if strategy == "pool" else None
+    model = MetaUAS(image_size=64, k_shot=k_shot, prompt_strategy=strategy, prompt_source=source, visualizer=False)
+    results = _engine(tmp_path).test(model, datamodule=_datamodule(demo_root, demo_category), verbose=False)[0]
+    assert set(results) == METRICS
+    assert all(0.0 <= value <= 1.0 for value in results.values())
+    bank = model.model.prompt_bank[0]
+    expected = {"random": k_shot, "retrieval": 4, "pool": 8}[strategy]
+    assert bank.shape[0] == expected
+
+
+def test_random_prompts_are_reproducible(demo_root: Path, demo_category: str, tmp_path: Path) -> None:
+    banks = []
+    for seed in (3, 3, 4):
+        model = MetaUAS(image_size=64, seed=seed, visualizer=False)
+        _engine(tmp_path).test(model, datamodule=_datamodule(demo_root, demo_category), verbose=False)
+        banks.append(model.model.prompt_bank[0])
+    torch.testing.assert_close(banks[0], banks[1], rtol=0, atol=0)
+    assert not torch.equal(banks[0], banks[2])
+
+
+def test_checkpoint_save_and_reload_restore_prompts_and_metrics(
+    demo_root: Path, demo_category: str, tmp_path: Path
+) -> None:
+    model = MetaUAS(image_size=64, prompt_strategy="retrieval", k_shot=2, visualizer=False)
+    engine = _engine(tmp_path / "fit")
+    engine.fit(model, datamodule=_datamodule(demo_root, demo_category))
+    checkpoint = Path(engine.best_model_path)
+    assert checkpoint.is_file()
+    first = engine.test(model, datamodule=_datamodule(demo_root, demo_category), verbose=False)[0]
+
+    fresh = MetaUAS(image_size=64, prompt_strategy="retrieval", k_shot=2, visualizer=False, seed=99)
+    again = _engine(tmp_path / "reload").test(
+        fresh, datamodule=_datamodule(demo_root, demo_category), ckpt_path=checkpoint, verbose=False
+    )[0]
+    assert again == pytest.approx(first, abs=1e-6)
+
+    loaded = MetaUAS.load_from_checkpoint(checkpoint)
+    torch.testing.assert_close(loaded.model.prompt_bank_0, model.model.prompt_bank_0, rtol=0, atol=0)
+    assert isinstance(loaded.pre_processor.transform.transforms[0], AlignCornersResize)
+    assert loaded.pre_processor.transform.transforms[0].size == [64, 64]
+
+
+def test_predict_on_a_folder_with_given_prompt_images(demo_root: Path, demo_category: str, tmp_path: Path) -> None:
+    prompts = demo_root / demo_category / "train" / "good"
+    queries = sorted((demo_root / demo_category / "test").glob("*/*.png"))
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for path in queries:
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    model = MetaUAS(image_size=64, prompt_source=str(prompts), visualizer=False)
+    predictions = _engine(tmp_path).predict(model, data_path=folder)
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    assert len(scores) == len(queries)
+    assert all(batch.anomaly_map.shape[-2:] == (64, 64) for batch in predictions)
+    assert all(batch.pred_label is not None and batch.pred_mask is not None for batch in predictions)
+    # without validation data the scores stay the raw sigmoid maxima
+    raw = model.model(model.pre_processor.transform(PredictDataset(folder)[0].image[None]))
+    assert float(predictions[0].pred_score[0]) == pytest.approx(float(raw.pred_score[0]), abs=1e-6)
+
+
+def test_export_to_torch_and_onnx_match_eager(
+    demo_root: Path, demo_category: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = MetaUAS(image_size=64, visualizer=False)
+    engine = _engine(tmp_path)
+    engine.fit(model, datamodule=_datamodule(demo_root, demo_category))
+    image = torch.rand(1, 3, 80, 72)
+    model.eval()
+    with torch.no_grad():
+        expected = model(image)
+
+    torch_path = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    inferred = TorchInferencer(torch_path, device="cpu").predict(image)
+    torch.testing.assert_close(inferred.anomaly_map.view(1, 64, 64), expected.anomaly_map.view(1, 64, 64))
+
+    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {"input": image.numpy()}), strict=True)
+    )
+    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4)
+
+
+def test_anomalib_cli_with_the_repo_config(demo_root: Path, demo_category: str, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "anomalib.cli.cli", "test",
+        "--config", str(REPO / "configs" / "metauas.yaml"),
+        "--data.root", str(demo_root), "--data.category", demo_category,
+        "--model.image_size", "64", "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pixel_AUPRO" in result.stdout
+
+
+@pytest.mark.parametrize("size", [100, 0])
+def test_image_size_not_a_multiple_of_32_is_rejected(size: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        MetaUAS(image_size=size)
+
+
+def test_missing_prompts_give_a_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    torch.manual_seed(0)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "a.png")
+    with pytest.raises(RuntimeError, match="no prompt images"):
+        _engine(tmp_path).predict(MetaUAS(image_size=64, visualizer=False), data_path=folder)
+
+
+def test_pool_strategy_needs_a_source() -> None:
+    with pytest.raises(ValueError, match="prompt_source"):
+        MetaUAS(prompt_strategy="pool")
+
+
+def test_corrupt_prompt_image_is_named(tmp_path: Path) -> None:
+    (tmp_path / "prompt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "queries").mkdir()
+    with pytest.raises(ValueError, match=r"prompt\.png"):
+        _engine(tmp_path).predict(
+            MetaUAS(image_size=64, prompt_source=str(tmp_path / "prompt.png"), visualizer=False),
+            data_path=tmp_path / "queries",
+        )
+
+
+def test_cli_main_job_reports_weights(demo_root: Path, demo_category: str, tmp_path: Path) -> None:
+    env = {**os.environ, "UAS_WEIGHTS_DIR": str(tmp_path / "empty-cache"), "UAS_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "anomalib_uas.cli", "evaluate", "--root", str(demo_root),
+        "--categories", demo_category, "--image-size", "64", "--results-dir", str(tmp_path / "results"),
+        "--output", str(tmp_path / "metrics.json"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "UNTRAINED decoder" in result.stdout
+    assert f"| {demo_category} |" in result.stdout
+    assert (tmp_path / "metrics.json").is_file()
