@@ -38,7 +38,8 @@ from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_uas.models.components.references import list_images, read_image, seeded_choice
+from anomalib_uas.data.images import list_images, read_image
+from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.components.transforms import SizedPreProcessor
 from anomalib_uas.models.metauas.checkpoint import OFFICIAL_BACKBONE, from_official
 from anomalib_uas.models.metauas.torch_model import MetaUASModel

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_uas.models.components.references import list_images, read_image, seeded_choice
+from anomalib_uas.data.images import ImageFolderDataset, list_images, read_image
+from anomalib_uas.models.components.references import seeded_choice
 
 
 @pytest.mark.parametrize(
@@ -72,3 +73,12 @@ def test_seeded_choice_is_reproducible_and_seed_dependent() -> None:
     assert len({tuple(seeded_choice(50, 3, seed=s)) for s in range(5)}) > 1
     with pytest.raises(ValueError, match="only 2"):
         seeded_choice(2, 3, seed=0)
+
+
+def test_image_folder_dataset_keeps_16_bit_range(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((8, 8, 4), 128, np.uint8)).save(tmp_path / "rgba.png")
+    dataset = ImageFolderDataset(tmp_path)
+    values = {Path(item.image_path).name: item.image for item in dataset}
+    np.testing.assert_allclose(values["deep.png"].numpy(), 30000 / 65535, atol=1e-6)
+    assert values["rgba.png"].shape == (3, 8, 8)

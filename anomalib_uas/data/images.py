@@ -1,0 +1,130 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Reading images robustly: any common mode, clear errors, and a predict dataset built on it.
+
+anomalib reads images with ``PIL.Image.convert("RGB")``, which saturates 16-bit images (a 16-bit value of 30000
+becomes 1.0). :func:`read_image` scales 16-bit and 32-bit images by their type's range, repeats grayscale over
+three channels, drops alpha and expands palettes; an unreadable file raises an error that names it.
+:class:`ImageFolderDataset` is anomalib's ``PredictDataset`` with that reader, for ``Engine.predict(dataset=...)``.
+
+Example:
+    >>> from anomalib_uas.data import ImageFolderDataset
+    >>> dataset = ImageFolderDataset("to_inspect/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.data import ImageItem, PredictDataset
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "list_images", "read_image"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as an RGB float tensor in ``[0, 1]``.
+
+    Grayscale images are repeated over three channels, alpha is dropped, palette images are expanded and 16-bit
+    or 32-bit images are scaled by their type's range.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        ``[3, H, W]`` float32 tensor.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file is not a readable image (corrupt, truncated or another format); the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Image {path} does not exist."
+        raise FileNotFoundError(msg)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = _to_rgb_array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        msg = f"Cannot read image {path}: {exc}. The file is corrupt, truncated or not an image; replace or remove it."
+        raise ValueError(msg) from exc
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    if image.mode in {"I;16", "I;16B", "I;16L", "I;16N"}:
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+    elif image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        gray = (values / (65535.0 if values.max(initial=0) <= 65535 else 2**32 - 1)).astype(np.float32)
+    elif image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    else:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """List image files from a folder (recursively, sorted) or a sequence of files.
+
+    Args:
+        source: A folder, a single image file, or a sequence of image files.
+
+    Returns:
+        Sorted image paths.
+
+    Raises:
+        FileNotFoundError: A folder or file that does not exist.
+        ValueError: The source holds no image.
+    """
+    if isinstance(source, (str, Path)):
+        root = Path(source)
+        if root.is_dir():
+            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif root.is_file():
+            paths = [root]
+        else:
+            msg = f"Prompt image source {root} does not exist."
+            raise FileNotFoundError(msg)
+    else:
+        paths = [Path(p) for p in source]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            msg = f"Prompt images do not exist: {', '.join(missing)}"
+            raise FileNotFoundError(msg)
+    if not paths:
+        msg = f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found in {source}."
+        raise ValueError(msg)
+    return paths
+
+
+class ImageFolderDataset(PredictDataset):
+    """anomalib's ``PredictDataset`` reading images with :func:`read_image`.
+
+    Args:
+        path: A folder of images or a single image.
+        transform: Transform applied to each image.
+    """
+
+    def __init__(self, path: str | Path, transform: torch.nn.Module | None = None) -> None:
+        super().__init__(path, transform=transform)
+        self.image_filenames = list_images(path)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """Read one image.
+
+        Args:
+            index: Item index.
+
+        Returns:
+            The image (``[3, H, W]`` in ``[0, 1]``, transformed) and its path.
+        """
+        path = self.image_filenames[index]
+        image = read_image(path)
+        return ImageItem(image=self.transform(image) if self.transform else image, image_path=str(path))
