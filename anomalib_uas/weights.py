@@ -172,7 +172,7 @@ def _download(url: str, target: Path, sha256: str | None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
     logger.info("Downloading %s to %s", url, target)
-    with urllib.request.urlopen(url, timeout=30) as response, partial.open("wb") as handle:  # noqa: S310
+    with urllib.request.urlopen(url, timeout=30) as response, partial.open("wb") as handle:
         while chunk := response.read(1 << 20):
             handle.write(chunk)
     try:
