@@ -28,7 +28,7 @@ def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_public_constants() -> None:
-    assert DEMO_CATEGORIES == tuple(DEMO_SOURCES)
+    assert tuple(DEMO_SOURCES) == DEMO_CATEGORIES
     assert 3 <= len(DEMO_CATEGORIES) <= 5
     assert len(DEMO_DEFECT_TYPES) >= 2
     assert "good" not in DEMO_DEFECT_TYPES
