@@ -1,30 +1,28 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""The ``uas`` command line.
+"""The ``uas`` command line: the stages of the inspection pipeline, one subcommand each.
 
-Subcommands:
+``dvc repro`` runs them in order through ``pipelines/``; each reads ``params.yaml`` and writes fixed paths:
 
-* ``uas data``: generate the offline demo dataset (MVTec AD layout, synthesized defects with masks);
-* ``uas evaluate``: evaluate MetaUAS on categories of a dataset through ``Engine.test``, print a metrics table
-  and say which weights were used (generating the demo dataset first when it is the default and missing).
+* ``uas data``: build the evaluation dataset at ``data/dataset`` (``demo``, ``mvtec``, ``visa`` or ``folder``);
+* ``uas train MODEL``: train or fetch the model's checkpoint into ``checkpoints/MODEL`` (or record why it is
+  skipped);
+* ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
+* ``uas report``: ``reports/report.md`` and ``reports/report.html``.
 
 Example:
-    $ uas data --root datasets/demo
-    $ uas evaluate --root datasets/demo --output results/metrics.json
+    $ uas data && uas train metauas && uas evaluate metauas && uas report
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["build_parser", "main"]
-
-DEFAULT_ROOT = Path("datasets/demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,61 +31,48 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser.
     """
-    from anomalib_uas.data import DEMO_CATEGORIES
-
-    parser = argparse.ArgumentParser(prog="uas", description="Universal anomaly segmentation with anomalib.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    data = commands.add_parser("data", help="Generate the offline demo dataset (MVTec AD layout).")
-    data.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="Output folder (default: %(default)s).")
-    data.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES), help="Categories to generate.")
-    data.add_argument("--image-size", type=int, default=256, help="Image side in pixels (default: %(default)s).")
-    data.add_argument("--seed", type=int, default=0, help="Seed of the generator (default: %(default)s).")
-
-    evaluate = commands.add_parser("evaluate", help="Evaluate MetaUAS on an MVTec-layout dataset with Engine.test.")
-    evaluate.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="Dataset root (default: %(default)s).")
-    evaluate.add_argument("--categories", nargs="+", default=list(DEMO_CATEGORIES), help="Categories to evaluate.")
-    evaluate.add_argument("--image-size", type=int, default=256, help="Model input size, a multiple of 32.")
-    evaluate.add_argument("--k-shot", type=int, default=1, help="Prompt images per query (default: %(default)s).")
-    evaluate.add_argument(
-        "--prompt-strategy", choices=["random", "retrieval"], default="random", help="How prompts are chosen."
+    parser = argparse.ArgumentParser(
+        prog="uas",
+        description="Universal anomaly segmentation with anomalib: the stages of the inspection pipeline.",
+        epilog="Run `dvc repro` to run all stages with caching; each stage reads params.yaml.",
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="Seed of the prompt choice (default: %(default)s).")
-    evaluate.add_argument("--results-dir", type=Path, default=Path("results"), help="Engine output folder.")
-    evaluate.add_argument("--output", type=Path, default=None, help="Write the metrics rows to this JSON file.")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="Parameters file (%(default)s).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress messages.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("data", help="Build the evaluation dataset (params: data) at data/dataset.")
+    train = commands.add_parser("train", help="Train or fetch a model's checkpoint into checkpoints/MODEL.")
+    train.add_argument("model", choices=["metauas", "inctrl", "faprompt"])
+    evaluate = commands.add_parser("evaluate", help="Engine.test of a model on every category; metrics and maps.")
+    evaluate.add_argument("model", choices=["metauas", "inctrl", "faprompt"])
+    commands.add_parser("report", help="Comparison table of all models (reports/report.md and report.html).")
     return parser
 
 
-def _data(args: argparse.Namespace) -> None:
-    from anomalib_uas.data import generate_demo_dataset
+def _run(args: argparse.Namespace) -> None:
+    from anomalib_uas import pipeline
+    from anomalib_uas.evaluation import format_table
 
-    root = generate_demo_dataset(args.root, categories=args.categories, image_size=args.image_size, seed=args.seed)
-    print(f"Demo dataset with categories {', '.join(args.categories)} in {root}")
+    params = pipeline.load_params(args.params)
+    if args.command == "data":
+        print(f"Dataset ready at {pipeline.prepare_data(params)}")
+    elif args.command == "train":
+        status = pipeline.prepare_weights(args.model, params)
+        detail = status.get("description") or status.get("reason")
+        print(f"{args.model}: {status['status']}: {detail}")
+    elif args.command == "evaluate":
+        metrics = pipeline.evaluate(args.model, params)
+        if metrics["skipped"]:
+            print(f"{args.model}: skipped ({pipeline.read_status(args.model)['reason']})")
+        else:
+            rows = [{"category": name, **row} for name, row in metrics["categories"].items()]
+            print(format_table(rows))
+            print(f"Weights: {pipeline.read_status(args.model)['description']}")
+    else:
+        from anomalib_uas.report import write_report
 
-
-def _evaluate(args: argparse.Namespace) -> None:
-    from anomalib_uas.data import DEMO_CATEGORIES, generate_demo_dataset
-    from anomalib_uas.evaluation import best_offline_metauas_weights, evaluate_metauas, format_table
-
-    if args.root == DEFAULT_ROOT and set(args.categories) <= set(DEMO_CATEGORIES):
-        generate_demo_dataset(args.root, categories=list(DEMO_CATEGORIES))
-    weights = best_offline_metauas_weights(args.image_size)
-    print(f"Weights: {weights.description}")
-    rows = evaluate_metauas(
-        args.root,
-        args.categories,
-        weights=weights,
-        image_size=args.image_size,
-        k_shot=args.k_shot,
-        prompt_strategy=args.prompt_strategy,
-        seed=args.seed,
-        output_dir=args.results_dir,
-    )
-    print(format_table(rows))
-    print(f"Weights: {weights.description}")
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(rows, indent=2) + "\n")
+        markdown, page = write_report(params["models"])
+        print(markdown.read_text())
+        print(f"Report: {markdown} and {page}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,11 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success, 2 for bad input (the message says what to fix).
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        {"data": _data, "evaluate": _evaluate}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _run(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"uas {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,18 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Evaluate a model on categories of an MVTec-layout dataset through ``anomalib.engine.Engine.test``.
+"""Evaluate models on categories of an MVTec-layout dataset through ``anomalib.engine.Engine.test``.
+
+For each category the model is tested with anomalib's metrics; a callback records every test image's score,
+label, anomaly map and masks, so that curves, reports and error reviews can be built from the saved predictions
+without running the model again.
+
+Saved per category (``<predictions_dir>/<category>/``): ``predictions.npz`` with ``image_path``, ``gt_label``,
+``pred_score`` (raw, before anomalib's normalisation), ``anomaly_map`` (float16, ``[N, H, W]``) and ``gt_mask``.
 
 Example:
-    >>> from anomalib_uas.evaluation import evaluate_metauas, format_table
-    >>> rows = evaluate_metauas("datasets/demo", ["brick"])  # doctest: +SKIP
+    >>> from anomalib_uas.evaluation import evaluate_model, format_table
+    >>> from anomalib_uas.models import MetaUAS
+    >>> rows = evaluate_model(lambda: MetaUAS(), "datasets/demo", ["brick"])  # doctest: +SKIP
     >>> print(format_table(rows))  # doctest: +SKIP
 """
 
@@ -12,21 +20,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from lightning.pytorch.callbacks import Callback
-
-from anomalib_uas.models import MetaUAS
-from anomalib_uas.weights import OFFICIAL_WEIGHTS, WeightsNotFoundError, resolve_weights
+from anomalib.models.components import AnomalibModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "MetaUASWeights", "best_offline_metauas_weights", "evaluate_metauas", "format_table"]
+__all__ = [
+    "METRICS",
+    "PredictionRecorder",
+    "evaluate_model",
+    "format_table",
+]
 
 METRICS = (
     "image_AUROC",
@@ -39,128 +51,125 @@ METRICS = (
 )
 
 
-@dataclass(frozen=True)
-class MetaUASWeights:
-    """Which MetaUAS weights an evaluation uses.
+class PredictionRecorder(Callback):
+    """Record per-image test outputs and the time the test loop took.
 
-    Attributes:
-        description: What a reader is told about the weights.
-        model_kwargs: Arguments that build the model with them.
+    The recorder runs before the model's own callbacks, so it sees the raw scores and maps, before anomalib's
+    post-processor normalises them: they stay comparable across categories and runs.
     """
-
-    description: str
-    model_kwargs: dict[str, Any]
-
-
-def best_offline_metauas_weights(image_size: int = 256) -> MetaUASWeights:
-    """Pick the best MetaUAS weights available without a download.
-
-    The official checkpoint of the resolution, when it is in the weights cache, comes first. Otherwise the
-    EfficientNet-Lite0 encoder with its offline ImageNet weights is used with an untrained (seeded) decoder,
-    which checks the plumbing but does not measure MetaUAS quality.
-
-    Args:
-        image_size: Input size; an official checkpoint exists for 256 and 512.
-
-    Returns:
-        The chosen weights.
-    """
-    name = f"metauas-{image_size}"
-    if name in OFFICIAL_WEIGHTS:
-        try:
-            path = resolve_weights(name)
-        except WeightsNotFoundError as exc:
-            logger.info("Official weights not available: %s", exc)
-        else:
-            return MetaUASWeights(
-                description=f"official MetaUAS checkpoint {path} (EfficientNet-b4)",
-                model_kwargs={"backbone": "tf_efficientnet_b4", "pretrained_backbone": False, "weights": str(path)},
-            )
-    return MetaUASWeights(
-        description=(
-            "EfficientNet-Lite0 with offline ImageNet weights and an UNTRAINED decoder (no official MetaUAS "
-            f"checkpoint in the weights cache; put {name}.ckpt there for real numbers). The metrics check the "
-            "pipeline, not the method."
-        ),
-        model_kwargs={"backbone": "efficientnet_lite0", "pretrained_backbone": True},
-    )
-
-
-class _TestTimer(Callback):
-    """Measures the wall time of the test loop and the number of images it saw."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.images = 0
+        self.records: dict[str, list[Any]] = {}
         self._start = 0.0
 
-    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start the clock and clear earlier records.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The model.
+        """
         del trainer, pl_module
+        self.records = {key: [] for key in ("image_path", "gt_label", "pred_score", "anomaly_map", "gt_mask")}
         self._start = time.perf_counter()
 
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
-        del trainer, pl_module, outputs, args
-        self.images += len(batch.image)
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        """Keep the raw predictions of a batch.
 
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        Args:
+            trainer: The trainer.
+            pl_module: The model.
+            outputs: The step output.
+            batch: The test batch.
+            *args: Batch and dataloader indices.
+        """
+        del trainer, pl_module, args
+        size = len(batch.image)
+        self.records["image_path"].extend(batch.image_path)
+        self.records["gt_label"].append(np.array(batch.gt_label.cpu(), dtype=np.uint8))
+        self.records["pred_score"].append(np.array(outputs.pred_score.cpu(), dtype=np.float32))
+        maps = outputs.anomaly_map if outputs.anomaly_map is not None else torch.zeros(size, *batch.image.shape[-2:])
+        self.records["anomaly_map"].append(np.array(maps.reshape(size, *maps.shape[-2:]).cpu(), dtype=np.float16))
+        masks = batch.gt_mask if batch.gt_mask is not None else torch.zeros(size, *maps.shape[-2:])
+        self.records["gt_mask"].append(np.array(masks.reshape(size, *masks.shape[-2:]).cpu(), dtype=bool))
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stop the clock.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The model.
+        """
         del trainer, pl_module
         self.seconds = time.perf_counter() - self._start
 
+    @property
+    def num_images(self) -> int:
+        """Images recorded in the last test loop.
 
-def evaluate_metauas(
+        Returns:
+            The count.
+        """
+        return len(self.records.get("image_path", []))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the records of the last test loop.
+
+        Args:
+            path: Output ``.npz`` file.
+
+        Returns:
+            The path.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {key: np.concatenate(value) for key, value in self.records.items() if key != "image_path"}
+        np.savez_compressed(path, image_path=np.array(self.records["image_path"]), **arrays)
+        return path
+
+
+def evaluate_model(
+    build_model: Callable[[], AnomalibModule],
     root: str | Path,
     categories: Sequence[str],
-    weights: MetaUASWeights | None = None,
-    image_size: int = 256,
-    k_shot: int = 1,
-    prompt_strategy: str = "random",
-    seed: int = 0,
     output_dir: str | Path = "results",
+    predictions_dir: str | Path | None = None,
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
-    """Run ``Engine.test`` with MetaUAS on each category.
+    """Run ``Engine.test`` on each category with a fresh model.
 
     Args:
+        build_model: Returns a new model for a category.
         root: Dataset root in MVTec AD layout.
         categories: Categories to evaluate.
-        weights: Weights to use; the best offline ones by default.
-        image_size: Model input size.
-        k_shot: Prompt images per query.
-        prompt_strategy: ``"random"`` or ``"retrieval"``.
-        seed: Seed of the prompt choice and of untrained layers.
         output_dir: Engine root folder.
+        predictions_dir: Where to save each category's ``predictions.npz``; not saved when ``None``.
         batch_size: Evaluation batch size.
 
     Returns:
-        One row per category with the seven metrics, ``ms_per_image`` and the weights description.
+        One row per category with the metrics and ``ms_per_image`` (the test loop's wall time per image).
     """
-    weights = weights or best_offline_metauas_weights(image_size)
     rows = []
     for category in categories:
-        model = MetaUAS(
-            image_size=image_size,
-            k_shot=k_shot,
-            prompt_strategy=prompt_strategy,
-            seed=seed,
-            visualizer=False,
-            **weights.model_kwargs,
-        )
         datamodule = MVTecAD(
             root=root, category=category, train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=0
         )
-        timer = _TestTimer()
+        recorder = PredictionRecorder()
         engine = Engine(
             default_root_dir=Path(output_dir) / category,
             logger=False,
             accelerator="cpu",
             devices=1,
-            callbacks=[timer],
-            enable_progress_bar=True,
+            callbacks=[recorder],
         )
-        results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+        results = engine.test(build_model(), datamodule=datamodule, verbose=False)[0]
         row = {"category": category, **{name: float(results[name]) for name in METRICS if name in results}}
-        row["ms_per_image"] = 1000.0 * timer.seconds / max(timer.images, 1)
-        row["weights"] = weights.description
+        row["ms_per_image"] = 1000.0 * recorder.seconds / max(recorder.num_images, 1)
+        if predictions_dir is not None:
+            recorder.save(Path(predictions_dir) / category / "predictions.npz")
         rows.append(row)
     return rows
 
@@ -169,7 +178,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Format evaluation rows as a Markdown table with a mean row.
 
     Args:
-        rows: What :func:`evaluate_metauas` returned.
+        rows: What :func:`evaluate_model` returned.
 
     Returns:
         The table.

@@ -42,7 +42,10 @@ def _describe(keys: list[str]) -> str:
 
 
 def from_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map an official MetaUAS state_dict onto the keys of ``model`` (a ``MetaUASModel`` with the b4 layout).
+    """Map an official-format MetaUAS state_dict onto the keys of ``model`` (a ``MetaUASModel``).
+
+    EfficientNet encoders in lukemelas names (the official files, and files written by :func:`to_official`) are
+    renamed to timm names; other encoders are stored in timm names already.
 
     Args:
         state_dict: The official state_dict.
@@ -60,11 +63,15 @@ def from_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict
         msg = f"Not an official MetaUAS checkpoint. {_describe(keys)}"
         raise WeightsError(msg)
     encoder = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-    try:
-        encoder = lukemelas_to_timm(encoder, model.encoder.blocks)
-    except KeyError as exc:
-        msg = f"The encoder of this checkpoint does not fit {OFFICIAL_BACKBONE}: unexpected key {exc}."
-        raise WeightsError(msg) from exc
+    if any(k.startswith("_") for k in encoder):  # lukemelas EfficientNet names, as in the official files
+        if not hasattr(model.encoder, "blocks"):
+            msg = "This checkpoint has an EfficientNet encoder; build the model with an EfficientNet backbone."
+            raise WeightsError(msg)
+        try:
+            encoder = lukemelas_to_timm(encoder, model.encoder.blocks)
+        except KeyError as exc:
+            msg = f"The encoder of this checkpoint does not fit the model's encoder: unexpected key {exc}."
+            raise WeightsError(msg) from exc
     mapped = {f"encoder.{k}": v for k, v in encoder.items() if not k.startswith(_UNUSED_ENCODER_HEAD)}
     for key, tensor in state_dict.items():
         if key.startswith("encoder."):
@@ -77,8 +84,8 @@ def from_official(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict
 def to_official(model: nn.Module) -> dict[str, torch.Tensor]:
     """Write a ``MetaUASModel`` state_dict in the official key format.
 
-    The encoder is written in timm names when it is not the b4 layout; the official loader only accepts the
-    b4 layout, while :meth:`MetaUAS.from_official_checkpoint` accepts both.
+    EfficientNet encoders are written in lukemelas names, other encoders in timm names. The official code loads
+    the files of the b4 layout; :meth:`MetaUAS.from_official_checkpoint` loads all of them.
 
     Args:
         model: The model to export.

@@ -71,6 +71,11 @@ class MetaUAS(AnomalibModule):
         seed: Seed of the random prompt choice and of the initialisation of layers no checkpoint overwrites.
         alignment: ``"soft"`` or ``"hard"``.
         fusion: ``"cat"``, ``"add"`` or ``"absdiff"``.
+        meta_train: Train on change pairs (``ChangePairDataModule``) when ``Engine.fit`` runs; otherwise the model
+            is used as published and ``fit`` only collects prompts and thresholds.
+        learning_rate: AdamW learning rate of meta-training.
+        weight_decay: AdamW weight decay of meta-training.
+        train_encoder: Also train the encoder during meta-training (frozen by default, as in the paper).
         pre_processor: Pre-processor, ``True`` for the official one.
         post_processor: Post-processor, ``True`` for anomalib's normalisation and thresholds.
         evaluator: Evaluator, ``True`` for image AUROC/AUPR/F1Max and pixel AUROC/AUPR/F1Max/AUPRO.
@@ -93,6 +98,10 @@ class MetaUAS(AnomalibModule):
         seed: int = 0,
         alignment: str = "soft",
         fusion: str = "cat",
+        meta_train: bool = False,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 5e-4,
+        train_encoder: bool = False,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: nn.Module | bool = True,
@@ -125,30 +134,41 @@ class MetaUAS(AnomalibModule):
                 fusion=fusion,
                 k_shot=k_shot,
                 retrieval=prompt_strategy != "random",
+                train_encoder=train_encoder,
             )
         self.weights = weights
         self.prompt_strategy = prompt_strategy
         self.prompt_source = prompt_source
         self.k_shot = k_shot
         self.seed = seed
+        self.meta_train = meta_train
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
         self._weights_loaded = weights is None
         self._prompt_images: torch.Tensor | None = None
+        self.loss = nn.BCEWithLogitsLoss()
 
     @classmethod
-    def from_official_checkpoint(cls, path: str | Path, image_size: int = 256, **kwargs: Any) -> MetaUAS:
-        """Build MetaUAS from an official checkpoint (``metauas-256.ckpt`` / ``metauas-512.ckpt``).
+    def from_official_checkpoint(
+        cls,
+        path: str | Path,
+        image_size: int = 256,
+        backbone: str = OFFICIAL_BACKBONE,
+        **kwargs: Any,
+    ) -> MetaUAS:
+        """Build MetaUAS from a checkpoint in the official format (``metauas-256.ckpt``, ``metauas-512.ckpt``).
 
         Args:
             path: Local file, URL, or ``"metauas-256"`` / ``"metauas-512"`` (cached or downloaded with sha256).
             image_size: Input size; must match the resolution of a known official file.
+            backbone: Encoder of the checkpoint: the official b4 layout, or the backbone a checkpoint of this
+                package was meta-trained with.
             **kwargs: Other :class:`MetaUAS` arguments (prompt strategy, k_shot, components, ...).
 
         Returns:
-            The model with the official weights loaded.
+            The model with the weights loaded.
         """
-        model = cls(
-            backbone=OFFICIAL_BACKBONE, pretrained_backbone=False, weights=str(path), image_size=image_size, **kwargs
-        )
+        model = cls(backbone=backbone, pretrained_backbone=False, weights=str(path), image_size=image_size, **kwargs)
         model.load_weights()
         return model
 
@@ -242,23 +262,49 @@ class MetaUAS(AnomalibModule):
         """MetaUAS needs a few normal prompt images and no training on the target.
 
         Returns:
-            ``LearningType.FEW_SHOT``.
+            ``LearningType.FEW_SHOT``, or ``LearningType.ONE_CLASS`` with ``meta_train`` so that ``Engine.fit``
+            runs gradient steps on change pairs.
         """
-        return LearningType.FEW_SHOT
+        return LearningType.ONE_CLASS if self.meta_train else LearningType.FEW_SHOT
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No training arguments: the model is not trained on the target data.
+        """Trainer arguments: none for inference; meta-training has no sanity validation.
 
         Returns:
-            An empty dict.
+            Keyword arguments merged into the Trainer.
         """
-        return {}
+        return {"num_sanity_val_steps": 0} if self.meta_train else {}
 
-    @staticmethod
-    def configure_optimizers() -> None:
-        """Nothing to optimise on the target data."""
-        return
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """AdamW over the trainable parameters when meta-training; nothing otherwise.
+
+        Returns:
+            The optimiser, or ``None``.
+        """
+        if not self.meta_train:
+            return None
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def training_step(self, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One meta-training step on change pairs: BCE between the change logits and the change mask.
+
+        Args:
+            batch: A ``ChangePairBatch``; ``image`` (the query) is already pre-processed by the PreProcessor
+                callback, ``prompt`` is pre-processed here with the same transform.
+            *args: Unused.
+            **kwargs: Unused.
+
+        Returns:
+            The loss.
+        """
+        del args, kwargs
+        prompt = self.pre_processor.transform(batch.prompt) if self.pre_processor is not None else batch.prompt
+        logits = self.model(batch.image, prompt).squeeze(1)
+        loss = self.loss(logits, batch.gt_mask.float())
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch.image))
+        return loss
 
     def setup(self, stage: str | None = None) -> None:
         """Load weights and collect the prompt images of this run.

@@ -225,6 +225,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         k_shot: Prompts used per query.
         retrieval: Pick each query's ``k_shot`` prompts from the bank by cosine similarity of global
             last-level features; without it the whole bank is used.
+        train_encoder: Let gradients reach the encoder (its batch-norm statistics stay frozen). By default the
+            encoder is frozen, as in the paper.
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         decoder_channels: Sequence[int] = (256, 128, 64, 64, 48),
         k_shot: int = 1,
         retrieval: bool = False,
+        train_encoder: bool = False,
     ) -> None:
         super().__init__()
         if alignment not in ALIGNMENTS or fusion not in FUSIONS:
@@ -245,7 +248,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             msg = f"k_shot must be at least 1, got {k_shot}"
             raise ValueError(msg)
         self.encoder = build_encoder(backbone, pretrained=pretrained_backbone)
-        self.encoder.requires_grad_(False)
+        self.encoder.requires_grad_(train_encoder)
+        self.train_encoder = train_encoder
         channels = self.encoder.out_channels
         self.alignment = nn.ModuleList(
             FeatureAlignment(c, alignment, fusion) for c in reversed(channels[-ALIGNED_LEVELS:])
@@ -258,7 +262,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             self.register_buffer(f"prompt_bank_{level}", torch.empty(0))
 
     def train(self, mode: bool = True) -> MetaUASModel:
-        """Switch train/eval mode; the frozen encoder always stays in eval mode.
+        """Switch train/eval mode; the encoder always stays in eval mode (frozen batch-norm statistics).
 
         Args:
             mode: Training mode for the alignment, decoder and head.
@@ -296,7 +300,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         return self.prompt_bank_0.numel() > 0
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Run the frozen encoder.
+        """Run the encoder (without gradients unless ``train_encoder``).
 
         Args:
             images: Normalised images ``[B, 3, H, W]``, H and W multiples of 32.
@@ -304,7 +308,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         Returns:
             Five feature maps, shallowest first.
         """
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             return self.encoder(images)
 
     @torch.no_grad()

@@ -1,0 +1,108 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""`dvc repro` of the real pipeline on a tiny params profile in a temporary git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from anomalib_uas.models.metauas.checkpoint import to_official
+from anomalib_uas.models.metauas.torch_model import MetaUASModel
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("pipelines", "weights", "anomalib_uas"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(categories=["brick", "grass"], image_size=64)
+    params["evaluate"].update(image_size=64)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    torch.manual_seed(0)
+    torch.save(
+        to_official(MetaUASModel("tf_efficientnet_b4", pretrained_backbone=False)),
+        root / "weights" / "metauas-256.ckpt",
+    )
+    env = {**os.environ, "UAS_OFFLINE": "1", "UAS_WEIGHTS_DIR": str(root / "empty-cache"), "DVC_NO_ANALYTICS": "1"}
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root, env)
+    return root, env
+
+
+def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    output = _run(["dvc", "repro"], root, env)
+    assert {"data", "weights@metauas", "evaluate@metauas", "report"} <= _stages_run(output)
+    metrics = json.loads((root / "reports" / "metauas" / "metrics.json").read_text())
+    assert metrics["skipped"] == 0
+    assert set(metrics["categories"]) == {"brick", "grass"}
+    for row in metrics["categories"].values():
+        assert {"image_AUROC", "pixel_AUPRO", "ms_per_image"} <= set(row)
+    saved = np.load(root / "predictions" / "metauas" / "brick" / "predictions.npz")
+    assert saved["anomaly_map"].shape[1:] == (64, 64)
+    assert len(saved["pred_score"]) == len(saved["gt_label"]) == len(saved["image_path"])
+    for model in ("inctrl", "faprompt"):
+        assert json.loads((root / "reports" / model / "metrics.json").read_text()) == {"skipped": 1}
+        assert json.loads((root / "reports" / model / "skipped.json").read_text())["reason"]
+    report = (root / "reports" / "report.md").read_text()
+    assert "| metauas | brick |" in report
+    assert "skipped" in report
+    page = (root / "reports" / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert "<script" not in page
+    assert "http" not in page.split("<body>")[1].split("weights:")[0]
+    assert "metauas" in _run(["dvc", "metrics", "show"], root, env)
+
+
+def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    assert _stages_run(_run(["dvc", "repro"], root, env)) == set()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["k_shot"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = _stages_run(_run(["dvc", "repro"], root, env))
+    assert "evaluate@metauas" in ran
+    assert "report" in ran
+    assert not {"data", "weights@metauas"} & ran
+
+
+def test_missing_weights_are_skipped_with_the_fix(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["weights"]["metauas"] = "metauas-512"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro"], root, env)
+    reason = json.loads((root / "reports" / "metauas" / "skipped.json").read_text())["reason"]
+    assert "metauas-512.ckpt" in reason
+    assert "UAS_WEIGHTS_DIR" in reason
+    assert "weights/metauas-512.ckpt" in reason
+    assert "**metauas** skipped" in (root / "reports" / "report.md").read_text()
