@@ -138,6 +138,7 @@ def evaluate_model(
     output_dir: str | Path = "results",
     predictions_dir: str | Path | None = None,
     batch_size: int = 8,
+    build_logger: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``Engine.test`` on each category with a fresh model.
 
@@ -148,9 +149,11 @@ def evaluate_model(
         output_dir: Engine root folder.
         predictions_dir: Where to save each category's ``predictions.npz``; not saved when ``None``.
         batch_size: Evaluation batch size.
+        build_logger: Returns the Engine logger of a category (e.g. an MLflow logger); no logging when ``None``.
 
     Returns:
-        One row per category with the metrics and ``ms_per_image`` (the test loop's wall time per image).
+        One row per category with the metrics, ``ms_per_image`` (the test loop's wall time per image) and the
+        ``prompt_paths`` the model used.
     """
     rows = []
     for category in categories:
@@ -160,14 +163,16 @@ def evaluate_model(
         recorder = PredictionRecorder()
         engine = Engine(
             default_root_dir=Path(output_dir) / category,
-            logger=False,
+            logger=build_logger(category) if build_logger is not None else False,
             accelerator="cpu",
             devices=1,
             callbacks=[recorder],
         )
-        results = engine.test(build_model(), datamodule=datamodule, verbose=False)[0]
+        model = build_model()
+        results = engine.test(model, datamodule=datamodule, verbose=False)[0]
         row = {"category": category, **{name: float(results[name]) for name in METRICS if name in results}}
         row["ms_per_image"] = 1000.0 * recorder.seconds / max(recorder.num_images, 1)
+        row["prompt_paths"] = list(getattr(model, "prompt_paths", []))
         if predictions_dir is not None:
             recorder.save(Path(predictions_dir) / category / "predictions.npz")
         rows.append(row)

@@ -25,10 +25,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import yaml
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from anomalib_uas import tracking
 from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.evaluation import METRICS, evaluate_model
 from anomalib_uas.weights import WeightsNotFoundError, resolve_weights
@@ -225,19 +227,21 @@ def _clip_weights(model: str, output: Path) -> dict[str, Any]:
     raise WeightsNotFoundError(msg)
 
 
+def _metauas_kwargs(status: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    evaluation = params["evaluate"]
+    return {
+        "image_size": evaluation["image_size"],
+        "backbone": status["backbone"],
+        "k_shot": evaluation["k_shot"],
+        "prompt_strategy": evaluation["prompt_strategy"],
+        "seed": evaluation["seed"],
+    }
+
+
 def _build_metauas(status: dict[str, Any], params: dict[str, Any]) -> Any:
     from anomalib_uas.models import MetaUAS
 
-    evaluation = params["evaluate"]
-    return MetaUAS.from_official_checkpoint(
-        status["checkpoint"],
-        image_size=evaluation["image_size"],
-        backbone=status["backbone"],
-        k_shot=evaluation["k_shot"],
-        prompt_strategy=evaluation["prompt_strategy"],
-        seed=evaluation["seed"],
-        visualizer=False,
-    )
+    return MetaUAS.from_official_checkpoint(status["checkpoint"], visualizer=False, **_metauas_kwargs(status, params))
 
 
 def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[str, Any]:
@@ -265,29 +269,68 @@ def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[
         _write_json(reports / "skipped.json", {"reason": status["reason"]})
         _write_curves(reports, [], [], categories)
         return metrics
-    rows = evaluate_model(
-        lambda: _build_metauas(status, params),
-        data,
-        categories,
-        output_dir=Path("results") / model,
-        predictions_dir=predictions,
-        batch_size=params["evaluate"]["batch_size"],
-    )
-    metrics = {
-        "skipped": 0,
-        "categories": {row["category"]: {k: v for k, v in row.items() if k != "category"} for row in rows},
-    }
-    columns = [*METRICS, "ms_per_image"]
-    metrics["mean"] = {c: float(np.mean([row[c] for row in rows if c in row])) for c in columns}
-    _write_json(reports / "metrics.json", metrics)
-    _write_json(reports / "weights.json", {"description": status["description"]})
-    scores, labels = [], []
-    for category in categories:
-        saved = np.load(predictions / category / "predictions.npz")
-        scores.append(saved["pred_score"])
-        labels.append(saved["gt_label"])
-    _write_curves(reports, scores, labels, categories, rows)
+    with tracking.stage_run("evaluate", model, params) as run:
+        rows = evaluate_model(
+            lambda: _build_metauas(status, params),
+            data,
+            categories,
+            output_dir=Path("results") / model,
+            predictions_dir=predictions,
+            batch_size=params["evaluate"]["batch_size"],
+            build_logger=lambda category: tracking.engine_logger(f"{model}-{category}", run.info.run_id),
+        )
+        columns = [*METRICS, "ms_per_image"]
+        per_category = {row["category"]: {c: row[c] for c in columns if c in row} for row in rows}
+        metrics = {"skipped": 0, "categories": per_category}
+        metrics["mean"] = {c: float(np.mean([row[c] for row in rows if c in row])) for c in columns}
+        _write_json(reports / "metrics.json", metrics)
+        _write_json(reports / "weights.json", {"description": status["description"]})
+        saved = {category: np.load(predictions / category / "predictions.npz") for category in categories}
+        _write_curves(
+            reports,
+            [saved[c]["pred_score"] for c in categories],
+            [saved[c]["gt_label"] for c in categories],
+            categories,
+            rows,
+        )
+        mlflow.log_metrics({f"mean.{k}": v for k, v in metrics["mean"].items()})
+        for category, values in per_category.items():
+            mlflow.log_metrics({f"{category}.{k}": v for k, v in values.items()})
+        mlflow.log_artifacts(str(reports), artifact_path="reports")
+        if params["registry"]["register"]:
+            for row in rows:
+                config = {
+                    "model": model,
+                    "kwargs": _metauas_kwargs(status, params),
+                    **_thresholds(saved[row["category"]]),
+                }
+                tracking.register_model(
+                    model,
+                    row["category"],
+                    Path(status["checkpoint"]),
+                    [Path(p) for p in row["prompt_paths"]],
+                    config,
+                    per_category[row["category"]],
+                    params["registry"]["champion_metric"],
+                )
     return metrics
+
+
+def _thresholds(saved: np.lib.npyio.NpzFile, max_pixels: int = 200_000) -> dict[str, float]:
+    """F1-optimal image and pixel thresholds on the raw scores of an evaluation."""
+    image = _f1_threshold(saved["gt_label"], saved["pred_score"])
+    maps = saved["anomaly_map"].astype(np.float32).ravel()
+    masks = saved["gt_mask"].ravel()
+    step = max(1, maps.size // max_pixels)
+    return {"image_threshold": image, "pixel_threshold": _f1_threshold(masks[::step], maps[::step])}
+
+
+def _f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
+    return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
 def _write_curves(

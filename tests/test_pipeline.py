@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -81,6 +82,19 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
     assert "<script" not in page
     assert "http" not in page.split("<body>")[1].split("weights:")[0]
     assert "metauas" in _run(["dvc", "metrics", "show"], root, env)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("anomalib-uas-brick", "champion")
+    assert champion.tags["uas.model"] == "metauas"
+    assert float(champion.tags["pixel_AUPRO"]) == pytest.approx(metrics["categories"]["brick"]["pixel_AUPRO"], abs=1e-6)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("anomalib-uas").experiment_id], "tags.`uas.stage` = 'evaluate'"
+    )
+    run = next(r for r in runs if r.data.tags.get("uas.model") == "metauas")
+    assert run.data.metrics["brick.image_AUROC"] == pytest.approx(metrics["categories"]["brick"]["image_AUROC"])
+    assert run.data.params["evaluate.k_shot"] == "1"
+    assert run.data.tags["dvc.data.md5"]
+    assert run.data.tags["mlflow.source.git.commit"]
 
 
 def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:

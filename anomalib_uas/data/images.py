@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from anomalib.data import ImageItem, PredictDataset
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "list_images", "read_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "decode_image", "list_images", "read_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -47,12 +48,36 @@ def read_image(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         msg = f"Image {path} does not exist."
         raise FileNotFoundError(msg)
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode encoded image bytes (PNG, JPEG, TIFF, ...) like :func:`read_image`.
+
+    Args:
+        data: The encoded image.
+        max_pixels: Largest accepted ``width * height``, checked from the header before any pixel is decoded.
+
+    Returns:
+        ``[3, H, W]`` float32 tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: Undecodable data, or an image larger than ``max_pixels``.
+    """
+    return _decode(io.BytesIO(data), "the image data", max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None = None) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                msg = f"The image is {width}x{height} pixels; at most {max_pixels} pixels are accepted. Resize it."
+                raise ValueError(msg)
             image.load()
             array = _to_rgb_array(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        msg = f"Cannot read image {path}: {exc}. The file is corrupt, truncated or not an image; replace or remove it."
+        msg = f"Cannot read {name}: {exc}. It is corrupt, truncated or not an image; replace or remove it."
         raise ValueError(msg) from exc
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

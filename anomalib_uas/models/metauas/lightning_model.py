@@ -146,6 +146,7 @@ class MetaUAS(AnomalibModule):
         self.weight_decay = weight_decay
         self._weights_loaded = weights is None
         self._prompt_images: torch.Tensor | None = None
+        self.prompt_paths: list[str] = []
         self.loss = nn.BCEWithLogitsLoss()
 
     @classmethod
@@ -326,6 +327,7 @@ class MetaUAS(AnomalibModule):
             if self.prompt_strategy == "random":
                 paths = [paths[i] for i in seeded_choice(len(paths), self.k_shot, self.seed)]
             images = [read_image(path) for path in paths]
+            self.prompt_paths = [str(path) for path in paths]
         else:
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             train_data = getattr(datamodule, "train_data", None)
@@ -338,6 +340,7 @@ class MetaUAS(AnomalibModule):
                 msg = f"Retrieval needs at least k_shot={self.k_shot} normal training images, found {len(normal)}."
                 raise ValueError(msg)
             images = [train_data[i].image for i in normal]
+            self.prompt_paths = [str(train_data.samples.image_path.iloc[i]) for i in normal]
         return torch.stack([transform(image) if transform is not None else image for image in images])
 
     def _encode_prompts(self) -> None:
