@@ -76,6 +76,9 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None = None)
                 raise ValueError(msg)
             image.load()
             array = _to_rgb_array(image)
+    except Image.DecompressionBombError as exc:
+        msg = f"Cannot read {name}: {exc} Resize it."
+        raise ValueError(msg) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         msg = f"Cannot read {name}: {exc}. It is corrupt, truncated or not an image; replace or remove it."
         raise ValueError(msg) from exc
