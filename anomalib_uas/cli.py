@@ -8,7 +8,8 @@
 * ``uas train MODEL``: train or fetch the model's checkpoint into ``checkpoints/MODEL`` (or record why it is
   skipped);
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
-* ``uas report``: ``reports/report.md`` and ``reports/report.html``.
+* ``uas report``: ``reports/report.md`` and ``reports/report.html``;
+* ``uas serve CATEGORY``: serve the category's ``champion`` registered model over REST.
 
 Example:
     $ uas data && uas train metauas && uas evaluate metauas && uas report
@@ -45,13 +46,51 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Engine.test of a model on every category; metrics and maps.")
     evaluate.add_argument("model", choices=["metauas", "inctrl", "faprompt"])
     commands.add_parser("report", help="Comparison table of all models (reports/report.md and report.html).")
+    serve = commands.add_parser("serve", help="Serve a category's champion model over REST (mlflow models serve).")
+    serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
+    serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
+    serve.add_argument("--port", type=int, default=5055, help="Port (%(default)s).")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from anomalib_uas import tracking
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
+    if mlflow_cli is None:
+        msg = "The mlflow command is not installed: pip install -e '.[pipeline]'."
+        raise FileNotFoundError(msg)
+    uri = f"models:/{tracking.registered_name(args.category)}@champion"
+    print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
+    command = [
+        mlflow_cli,
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    subprocess.run(command, env=env, check=True)
 
 
 def _run(args: argparse.Namespace) -> None:
     from anomalib_uas import pipeline
     from anomalib_uas.evaluation import format_table
 
+    if args.command == "serve":
+        _serve(args)
+        return
     params = pipeline.load_params(args.params)
     if args.command == "data":
         print(f"Dataset ready at {pipeline.prepare_data(params)}")
