@@ -9,6 +9,7 @@
   skipped);
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
 * ``uas report``: ``reports/report.md`` and ``reports/report.html``;
+* ``uas review``: FiftyOne review datasets of every evaluation; ``uas review --launch DATASET`` serves the App;
 * ``uas serve CATEGORY``: serve the category's ``champion`` registered model over REST.
 
 Example:
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Engine.test of a model on every category; metrics and maps.")
     evaluate.add_argument("model", choices=["metauas", "inctrl", "faprompt"])
     commands.add_parser("report", help="Comparison table of all models (reports/report.md and report.html).")
+    review = commands.add_parser("review", help="Build the FiftyOne review datasets; --launch serves the App.")
+    review.add_argument("--launch", metavar="DATASET", help="Serve the App for this dataset (e.g. uas-metauas-brick).")
+    review.add_argument("--view", default="false_positives", help="Saved view to open (%(default)s).")
+    review.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
     serve = commands.add_parser("serve", help="Serve a category's champion model over REST (mlflow models serve).")
     serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
@@ -91,6 +96,13 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "serve":
         _serve(args)
         return
+    if args.command == "review" and args.launch:
+        from anomalib_uas.review import launch_review
+
+        session = launch_review(args.launch, port=args.port, view=args.view)
+        print(f"FiftyOne App: http://127.0.0.1:{args.port} (dataset {args.launch}, view {args.view}); Ctrl-C stops it")
+        session.wait()
+        return
     params = pipeline.load_params(args.params)
     if args.command == "data":
         print(f"Dataset ready at {pipeline.prepare_data(params)}")
@@ -106,6 +118,11 @@ def _run(args: argparse.Namespace) -> None:
             rows = [{"category": name, **row} for name, row in metrics["categories"].items()]
             print(format_table(rows))
             print(f"Weights: {pipeline.read_status(args.model)['description']}")
+    elif args.command == "review":
+        for name, counts in pipeline.review(params).items():
+            print(
+                f"{name}: {counts['samples']} samples, {counts['FP']} false positives, {counts['FN']} false negatives"
+            )
     else:
         from anomalib_uas.report import write_report
 

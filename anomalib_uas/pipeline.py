@@ -9,7 +9,8 @@ Data flows one way through fixed paths, each stage reading only what the stage b
    ``status.json``; a model whose weights cannot be had is marked skipped with the reason and the fix);
 3. :func:`evaluate`: per model, ``Engine.test`` on every category -> ``reports/<model>/metrics.json``, ROC and PR
    curves and per-category bars as CSV, and ``predictions/<model>/<category>/predictions.npz``;
-4. :func:`~anomalib_uas.report.write_report`: one comparison table (Markdown and an offline HTML page).
+4. :func:`~anomalib_uas.report.write_report`: one comparison table (Markdown and an offline HTML page);
+5. :func:`review`: FiftyOne review datasets of every evaluation (``reports/review.json`` lists them).
 
 Example:
     >>> from anomalib_uas.pipeline import load_params, prepare_data
@@ -27,6 +28,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 import yaml
 from sklearn.metrics import precision_recall_curve, roc_curve
 
@@ -37,7 +39,7 @@ from anomalib_uas.weights import WeightsNotFoundError, resolve_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODELS", "evaluate", "load_params", "prepare_data", "prepare_weights", "read_status"]
+__all__ = ["MODELS", "evaluate", "load_params", "prepare_data", "prepare_weights", "read_status", "review"]
 
 MODELS = ("metauas", "inctrl", "faprompt")
 DATA_DIR = Path("data/dataset")
@@ -296,14 +298,19 @@ def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[
         mlflow.log_metrics({f"mean.{k}": v for k, v in metrics["mean"].items()})
         for category, values in per_category.items():
             mlflow.log_metrics({f"{category}.{k}": v for k, v in values.items()})
+        thresholds = {category: _thresholds(saved[category]) for category in categories}
+        _write_json(
+            reports / "evaluation.json",
+            {
+                "mlflow_run_id": run.info.run_id,
+                "thresholds": thresholds,
+                "prompt_paths": {row["category"]: row["prompt_paths"] for row in rows},
+            },
+        )
         mlflow.log_artifacts(str(reports), artifact_path="reports")
         if params["registry"]["register"]:
             for row in rows:
-                config = {
-                    "model": model,
-                    "kwargs": _metauas_kwargs(status, params),
-                    **_thresholds(saved[row["category"]]),
-                }
+                config = {"model": model, "kwargs": _metauas_kwargs(status, params), **thresholds[row["category"]]}
                 tracking.register_model(
                     model,
                     row["category"],
@@ -363,3 +370,54 @@ def _write_curves(
             writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
             writer.writeheader()
             writer.writerows(content)
+
+
+def review(params: dict[str, Any], reports: Path = REPORTS_DIR) -> dict[str, Any]:
+    """Build the FiftyOne review datasets of every evaluated model and category.
+
+    Args:
+        params: Pipeline parameters.
+        reports: The reports folder.
+
+    Returns:
+        Per dataset name: the counts of false positives and false negatives; also written to
+        ``reports/review.json``.
+    """
+    from anomalib_uas.review import build_review_dataset
+
+    summary: dict[str, Any] = {}
+    for model in params["models"]:
+        status = read_status(model)
+        if status["status"] != "ready":
+            continue
+        evaluation = json.loads((reports / model / "evaluation.json").read_text())
+        module = _build_metauas(status, params)
+        network, transform = module.model.eval(), module.pre_processor.transform
+        for category in params["data"]["categories"]:
+            predictions = PREDICTIONS_DIR / model / category / "predictions.npz"
+            paths = [str(p) for p in np.load(predictions)["image_path"]]
+            embeddings = _embeddings(network, transform, paths)
+            dataset = build_review_dataset(
+                model,
+                category,
+                predictions,
+                embeddings=embeddings,
+                prompt_paths=evaluation["prompt_paths"][category],
+                mlflow_run_id=evaluation["mlflow_run_id"],
+                **evaluation["thresholds"][category],
+            )
+            counts = dataset.count_values("eval")
+            summary[dataset.name] = {"FP": counts.get("FP", 0), "FN": counts.get("FN", 0), "samples": len(dataset)}
+    _write_json(reports / "review.json", summary)
+    return summary
+
+
+def _embeddings(network: Any, transform: Any, paths: list[str], batch_size: int = 16) -> np.ndarray:
+    from anomalib_uas.data.images import read_image
+
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        images = torch.stack([transform(read_image(path)) for path in paths[start : start + batch_size]])
+        with torch.no_grad():
+            chunks.append(network.encode(images)[-1].mean(dim=(2, 3)).numpy())
+    return np.concatenate(chunks)

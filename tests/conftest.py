@@ -7,8 +7,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
+
+# FiftyOne reads its configuration at import: a private database for the test session, no tracking.
+os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="uas-fiftyone-")
+os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest
 import torch

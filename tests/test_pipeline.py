@@ -62,7 +62,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
     output = _run(["dvc", "repro"], root, env)
-    assert {"data", "weights@metauas", "evaluate@metauas", "report"} <= _stages_run(output)
+    assert {"data", "weights@metauas", "evaluate@metauas", "report", "review"} <= _stages_run(output)
     metrics = json.loads((root / "reports" / "metauas" / "metrics.json").read_text())
     assert metrics["skipped"] == 0
     assert set(metrics["categories"]) == {"brick", "grass"}
@@ -82,6 +82,8 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
     assert "<script" not in page
     assert "http" not in page.split("<body>")[1].split("weights:")[0]
     assert "metauas" in _run(["dvc", "metrics", "show"], root, env)
+    review = json.loads((root / "reports" / "review.json").read_text())
+    assert review["uas-metauas-brick"]["samples"] == len(saved["pred_score"])
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("anomalib-uas-brick", "champion")

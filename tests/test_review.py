@@ -1,0 +1,159 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""FiftyOne review datasets on the real embedded database, and the App in headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalib_uas.evaluation import evaluate_model
+from anomalib_uas.models import MetaUAS
+from anomalib_uas.review import SAVED_VIEWS, build_review_dataset, launch_review
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def evaluation(demo_root: Path, demo_category: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("evaluation")
+    evaluate_model(
+        lambda: MetaUAS(image_size=64, visualizer=False),
+        demo_root,
+        [demo_category],
+        output_dir=root / "results",
+        predictions_dir=root / "predictions",
+    )
+    return root / "predictions" / demo_category / "predictions.npz"
+
+
+@pytest.fixture(scope="module")
+def review(evaluation: Path, demo_category: str):
+    saved = np.load(evaluation)
+    threshold = float(np.median(saved["pred_score"][saved["gt_label"] == 0]))  # half the normal images are FPs
+    embeddings = np.random.default_rng(0).normal(size=(len(saved["pred_score"]), 8))
+    dataset = build_review_dataset(
+        "metauas", demo_category, evaluation, image_threshold=threshold, pixel_threshold=0.5,
+        embeddings=embeddings, prompt_paths=["prompt.png"], mlflow_run_id="run-1",
+    )  # fmt: skip
+    yield dataset, saved, threshold
+    dataset.delete()
+
+
+def test_fp_and_fn_counts_match_an_independent_count(review) -> None:
+    dataset, saved, threshold = review
+    predicted = saved["pred_score"] > threshold
+    normal = saved["gt_label"] == 0
+    counts = dataset.count_values("eval")
+    assert counts.get("FP", 0) == int((predicted & normal).sum())
+    assert counts.get("FN", 0) == int((~predicted & ~normal).sum())
+    assert counts.get("FP", 0) + counts.get("FN", 0) > 0
+    assert len(dataset) == len(saved["pred_score"])
+
+
+def test_saved_views_are_sorted(review) -> None:
+    dataset, _, _ = review
+    assert set(SAVED_VIEWS) <= set(dataset.list_saved_views())
+    fp_scores = dataset.load_saved_view("false_positives").values("anomaly_score")
+    fn_scores = dataset.load_saved_view("false_negatives").values("anomaly_score")
+    assert fp_scores == sorted(fp_scores, reverse=True)
+    assert fn_scores == sorted(fn_scores)
+    worst = dataset.load_saved_view("worst_pixel_f1").values("pixel_f1")
+    assert worst == sorted(worst)
+    assert len(worst) > 0
+
+
+def test_labels_masks_heatmaps_and_provenance(review) -> None:
+    dataset, saved, threshold = review
+    sample = dataset.first()
+    index = list(saved["image_path"]).index(sample.filepath)
+    score = float(saved["pred_score"][index])
+    assert sample.anomaly_score == pytest.approx(score, abs=1e-6)
+    expected = score if sample.prediction.label == "anomaly" else 1 - score
+    assert sample.prediction.confidence == pytest.approx(expected, abs=1e-6)
+    assert (sample.prediction.label == "anomaly") == (score > threshold)
+    truth = np.asarray(Image.open(sample.gt_mask.mask_path)) > 0
+    np.testing.assert_array_equal(truth, saved["gt_mask"][index])
+    assert Path(sample.anomaly_map.map_path).is_file()
+    assert dataset.info["mlflow_run_id"] == "run-1"
+    assert dataset.info["prompt_images"] == ["prompt.png"]
+
+
+def test_similarity_search_uses_the_given_embeddings(review) -> None:
+    dataset, _, _ = review
+    query = dataset.first().id
+    similar = dataset.sort_by_similarity(query, k=3, brain_key="similarity")
+    assert len(similar) == 3
+    assert similar.first().id == query
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _grid_screenshot(url: str, path: Path) -> int:
+    """Open the App in headless Chromium, wait for the sample grid and save a screenshot; return the tile count."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={path.parent / ('profile-' + path.stem)}"):  # fmt: skip
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(url)
+        count_tiles = "return document.querySelectorAll('[data-cy=looker]').length"
+        deadline = time.monotonic() + 60
+        while driver.execute_script(count_tiles) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+        driver.save_screenshot(str(path))
+        return int(driver.execute_script(count_tiles))
+    finally:
+        driver.quit()
+
+
+def test_app_serves_the_false_positive_view(review, tmp_path: Path) -> None:
+    dataset, _, _ = review
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        pytest.fail("Debian's chromium and chromium-driver are needed for the App test: apt-get install them")
+    port = _free_port()
+    session = launch_review(dataset.name, port=port, view="false_positives")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base, timeout=5) as response:
+                    assert "<html" in response.read().decode().lower()
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        false_positives = len(dataset.load_saved_view("false_positives"))
+        assert false_positives > 0
+        tiles = _grid_screenshot(f"{base}/datasets/{dataset.name}?view=false-positives", tmp_path / "fp.png")
+        assert tiles == false_positives, f"the App shows {tiles} tiles for {false_positives} false positives"
+        assert len(dataset) > false_positives  # so the tiles are the view's samples, not the whole dataset
+    finally:
+        session.close()
+
+
+def test_unknown_dataset_or_view_is_a_clear_error(review) -> None:
+    dataset, _, _ = review
+    with pytest.raises(ValueError, match="No review dataset"):
+        launch_review("uas-nothing-here")
+    with pytest.raises(ValueError, match="no saved view"):
+        launch_review(dataset.name, view="nope")
