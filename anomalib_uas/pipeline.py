@@ -23,6 +23,7 @@ import csv
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,29 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from anomalib_uas import tracking
 from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.evaluation import METRICS, evaluate_model
-from anomalib_uas.weights import WeightsNotFoundError, resolve_weights
+from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
+from anomalib_uas.weights import WeightsNotFoundError, resolve_weights, weights_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODELS", "evaluate", "load_params", "prepare_data", "prepare_weights", "read_status", "review"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "clip_weights_file",
+    "evaluate",
+    "load_params",
+    "prepare_data",
+    "prepare_weights",
+    "read_status",
+    "review",
+]
 
 MODELS = ("metauas", "inctrl", "faprompt")
 DATA_DIR = Path("data/dataset")
 CHECKPOINTS_DIR = Path("checkpoints")
 REPORTS_DIR = Path("reports")
 PREDICTIONS_DIR = Path("predictions")
+REVIEW_MEDIA_DIR = Path("review")
 LOCAL_WEIGHTS_DIR = Path("weights")
 
 
@@ -182,7 +195,7 @@ def prepare_weights(model: str, params: dict[str, Any], checkpoints: Path = CHEC
     output.mkdir(parents=True)
     source = params["weights"][model]
     try:
-        status = _metauas_weights(source, params, output) if model == "metauas" else _clip_weights(model, output)
+        status = _PREPARE[model](str(source), params, output)
     except WeightsNotFoundError as exc:
         status = {"status": "skipped", "reason": str(exc)}
     _write_json(output / "status.json", status)
@@ -191,19 +204,7 @@ def prepare_weights(model: str, params: dict[str, Any], checkpoints: Path = CHEC
 
 def _metauas_weights(source: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
     if source == "train":
-        from anomalib_uas.models.metauas.training import train_metauas
-
-        recipe = params["train"]["metauas"]
-        checkpoint = train_metauas(output / "training", **recipe)
-        shutil.copy(checkpoint, output / "metauas.pth")
-        shutil.rmtree(output / "training")
-        return {
-            "status": "ready",
-            "checkpoint": str(output / "metauas.pth"),
-            "backbone": recipe["backbone"],
-            "image_size": recipe["image_size"],
-            "description": f"MetaUAS meta-trained offline on synthetic change pairs ({recipe['backbone']})",
-        }
+        return _train_metauas(params, output)
     local = LOCAL_WEIGHTS_DIR / f"{source}.ckpt"
     try:
         path = resolve_weights(local if local.is_file() else source)
@@ -215,18 +216,285 @@ def _metauas_weights(source: str, params: dict[str, Any], output: Path) -> dict[
         "status": "ready",
         "checkpoint": str(output / "metauas.pth"),
         "backbone": "tf_efficientnet_b4",
+        "fusion": "cat",
+        "decoder_channels": list(OFFICIAL_DECODER_CHANNELS),
         "image_size": int(params["evaluate"]["image_size"]),
         "description": f"official MetaUAS checkpoint {path.name}",
     }
 
 
-def _clip_weights(model: str, output: Path) -> dict[str, Any]:
-    del output
-    msg = (
-        f"{model} is not part of this release of anomalib-uas yet; it is skipped. Its CLIP weights will be read "
-        f"from {LOCAL_WEIGHTS_DIR}/ once the model lands."
+def _train_metauas(params: dict[str, Any], output: Path) -> dict[str, Any]:
+    from anomalib_uas.models.metauas.training import train_metauas
+
+    recipe = params["train"]["metauas"]
+    with tracking.stage_run("train", "metauas", params) as run:
+        start = time.perf_counter()
+        checkpoint = train_metauas(
+            output / "training", logger=tracking.engine_logger("train-metauas", run.info.run_id), **recipe
+        )
+        minutes = (time.perf_counter() - start) / 60.0
+        mlflow.log_metric("train_minutes", minutes)
+    shutil.copy(checkpoint, output / "metauas.pth")
+    shutil.rmtree(output / "training")
+    return {
+        "status": "ready",
+        "checkpoint": str(output / "metauas.pth"),
+        "backbone": recipe["backbone"],
+        "fusion": recipe["fusion"],
+        "decoder_channels": list(recipe["decoder_channels"]),
+        "image_size": recipe["image_size"],
+        "train_minutes": round(minutes, 2),
+        "mlflow_run_id": run.info.run_id,
+        "description": (
+            f"MetaUAS ({recipe['backbone']}, {recipe['fusion']} fusion) meta-trained offline on synthetic change "
+            f"pairs for {recipe['max_steps']} steps ({minutes:.1f} min)"
+        ),
+    }
+
+
+# Official file names of the CLIP models under ``weights/`` (the authors publish them without a checksum).
+INCTRL_OFFICIAL = LOCAL_WEIGHTS_DIR / "inctrl" / "2" / "checkpoint.pyth"
+FAPROMPT_OFFICIAL = LOCAL_WEIGHTS_DIR / "faprompt" / "epoch_15.pth"
+# Where the authors publish them, and the open_clip tag of the CLIP weights each model was trained with.
+OFFICIAL_SOURCES = {
+    "inctrl": "`checkpoints/<k>/checkpoint.pyth` (k = 2, 4, 8; it holds its CLIP weights) from the authors' "
+    "Google Drive folder 1McmfxF8_H0BeRvcJ_poGIB-ATQCDDEIa (linked from github.com/mala-lab/InCTRL)",
+    "faprompt": "the `epoch_<N>.pth` prompt-learner checkpoint linked from github.com/mala-lab/FAPrompt",
+}
+CLIP_TAGS = {"inctrl": "laion400m_e32", "faprompt": "openai"}
+CLIP_DEFAULTS = {"inctrl": "ViT-B-16-plus-240", "faprompt": "ViT-L-14-336"}
+
+
+def _models_config(model: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The ``models_config.<model>`` section, with the defaults of the official models filled in."""
+    config = dict((params.get("models_config") or {}).get(model) or {})
+    config.setdefault("clip_model", CLIP_DEFAULTS[model])
+    config.setdefault("clip_weights", None)
+    return config
+
+
+def clip_weights_file(model: str, clip_model: str) -> tuple[str, str | None]:
+    """Name of the CLIP weights file a CLIP model needs, and where open_clip publishes it.
+
+    Args:
+        model: ``inctrl`` or ``faprompt``.
+        clip_model: open_clip model name.
+
+    Returns:
+        The file name (the publisher's, e.g. ``ViT-L-14-336px.pt``; ``<clip_model>.pt`` for configs without a
+        published file, such as the tiny test configs) and its URL, or ``None``.
+    """
+    import open_clip
+
+    url = (open_clip.get_pretrained_cfg(clip_model, CLIP_TAGS[model]) or {}).get("url") or None
+    return (url.rstrip("/").rsplit("/", 1)[-1] if url else f"{clip_model}.pt"), url
+
+
+def _find_clip(model: str, config: dict[str, Any], download: bool) -> tuple[Path | None, str]:
+    """Find the CLIP weights of a model: the configured file, ``weights/<model>/<file>``, the cache, or a download.
+
+    Returns:
+        The file (``None`` when missing) and, when missing, the sentence that says how to supply it.
+    """
+    clip_model = config["clip_model"]
+    configured = config["clip_weights"]
+    key = f"models_config.{model}.clip_weights"
+    if configured:
+        path = Path(str(configured)).expanduser()
+        if path.is_file():
+            return path, ""
+        return None, f"the CLIP weights file {path} set in {key} does not exist: fix the path in params.yaml"
+    name, url = clip_weights_file(model, clip_model)
+    local = LOCAL_WEIGHTS_DIR / model / name
+    if local.is_file():
+        return local, ""
+    cached = weights_dir() / name
+    if cached.is_file():
+        return cached, ""
+    if url is not None and download:
+        try:
+            return resolve_weights(url), ""
+        except WeightsNotFoundError as exc:
+            logger.info("CLIP weights of %s not downloaded: %s", model, exc)
+    where = f"from {url} (open_clip {clip_model} / {CLIP_TAGS[model]})" if url else "(no published file)"
+    return None, (
+        f"the {clip_model} CLIP weights {name} {where} are missing: put the file at {local} or in the weights "
+        f"cache {weights_dir()} (environment variable UAS_WEIGHTS_DIR), or set {key} in params.yaml to its path"
+        + ("; when the machine is online and UAS_OFFLINE is unset it is downloaded" if url else "")
     )
-    raise WeightsNotFoundError(msg)
+
+
+def _find_checkpoint(model: str, source: str, official: Path) -> tuple[Path | None, str]:
+    """Find the model checkpoint named by ``weights.<model>``: ``official`` (under ``weights/``), a path or a URL."""
+    key = f"weights.{model}"
+    if source == "official":
+        if official.is_file():
+            return official, ""
+        return None, (
+            f"the official {model} checkpoint {official} is missing: download {OFFICIAL_SOURCES[model]} and put it "
+            f"at {official}, or set {key} in params.yaml to the path of the file"
+        )
+    try:
+        return resolve_weights(source), ""
+    except WeightsNotFoundError as exc:
+        return None, f"the {model} checkpoint of {key} = {source!r} is missing ({exc})"
+
+
+def _missing(model: str, problems: list[str]) -> WeightsNotFoundError:
+    """The skip reason: every missing file, where to put it and the parameter that points at it."""
+    listed = "; ".join(f"({index}) {text}" for index, text in enumerate(problems, start=1))
+    msg = (
+        f"{model} is skipped because files it needs are not on this machine: {listed}. "
+        f"Then run `dvc repro` again: the weights stage picks the files up and {model} is evaluated."
+    )
+    return WeightsNotFoundError(msg)
+
+
+def _inctrl_weights(source: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
+    from anomalib_uas.models.inctrl.checkpoint import read_official, split_official
+
+    name = "inctrl"
+    config = _models_config(name, params)
+    checkpoint, problem = _find_checkpoint(name, source, INCTRL_OFFICIAL)
+    if checkpoint is None:
+        raise _missing(name, [problem])
+    parts = split_official(read_official(checkpoint))  # WeightsError (not an InCTRL file) fails the stage
+    clip, clip_problem = None, ""
+    if config["clip_weights"] or parts.clip is None:
+        clip, clip_problem = _find_clip(name, config, download=True)
+        if clip is None:
+            raise _missing(name, [clip_problem])
+    shutil.copy(checkpoint, output / "inctrl.pth")
+    if clip is not None:
+        shutil.copy(clip, output / "clip.pt")
+    clip_from = f"CLIP from {clip.name}" if clip is not None else "CLIP tower of the same file"
+    return {
+        "status": "ready",
+        "checkpoint": str(output / "inctrl.pth"),
+        "clip_model": config["clip_model"],
+        "clip_weights": str(output / "clip.pt") if clip is not None else None,
+        "description": f"InCTRL checkpoint {checkpoint} ({config['clip_model']}, {clip_from})",
+    }
+
+
+def _faprompt_weights(source: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
+    from anomalib_uas.models.faprompt.checkpoint import read_official
+
+    name = "faprompt"
+    config = _models_config(name, params)
+    checkpoint, problem = _find_checkpoint(name, source, FAPROMPT_OFFICIAL)
+    clip, clip_problem = _find_clip(name, config, download=checkpoint is not None)
+    problems = [text for text in (problem, clip_problem) if text]
+    if checkpoint is None or clip is None:
+        raise _missing(name, problems)
+    read_official(checkpoint)  # WeightsError (not a FAPrompt file) fails the stage
+    shutil.copy(checkpoint, output / "faprompt.pth")
+    shutil.copy(clip, output / "clip.pt")
+    return {
+        "status": "ready",
+        "checkpoint": str(output / "faprompt.pth"),
+        "clip_model": config["clip_model"],
+        "clip_weights": str(output / "clip.pt"),
+        "image_size": int(config.get("image_size", 518)),
+        "description": f"FAPrompt prompt learner {checkpoint} ({config['clip_model']}, CLIP from {clip.name})",
+    }
+
+
+def _train_clip_model(model: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
+    """Auxiliary training through ``Engine.fit`` (``weights.<model>: train``, recipe ``train.<model>``).
+
+    InCTRL trains its adapter and heads, FAPrompt its prompt learner, on the MVTec-layout categories of
+    ``train.<model>.root``; the frozen CLIP weights must be available (see :func:`_find_clip`).
+    """
+    from anomalib.engine import Engine
+
+    from anomalib_uas.data import AuxiliaryDataModule
+
+    recipe = params["train"][model]
+    config = _models_config(model, params)
+    root = Path(recipe["root"])
+    absent = [str(root / category) for category in recipe["categories"] if not (root / category).is_dir()]
+    problems = []
+    if absent:
+        problems.append(
+            f"the auxiliary category folders {', '.join(absent)} are missing: put MVTec-layout categories (normal and "
+            f"anomalous images, with masks for faprompt) under {root}, or set train.{model}.root and "
+            f"train.{model}.categories in params.yaml"
+        )
+    clip, clip_problem = _find_clip(model, config, download=not problems)
+    if clip is None or problems:
+        raise _missing(model, [*problems, *([clip_problem] if clip_problem else [])])
+    datamodule = AuxiliaryDataModule(
+        root,
+        categories=list(recipe["categories"]),
+        train_batch_size=recipe["batch_size"],
+        eval_batch_size=recipe["batch_size"],
+        num_workers=0,
+        balanced=model == "inctrl",
+        seed=recipe["seed"],
+    )
+    common = {"clip_model": config["clip_model"], "clip_weights": str(clip), "visualizer": False}
+    common.update(auxiliary_training=True, learning_rate=recipe["learning_rate"], seed=recipe["seed"])
+    if model == "inctrl":
+        from anomalib_uas.models.inctrl import InCTRL
+
+        module = InCTRL(pretrained=None, k_shot=recipe["k_shot"], **common)
+    else:
+        from anomalib_uas.models.faprompt import FAPrompt
+
+        module = FAPrompt(clip_pretrained=None, image_size=int(config.get("image_size", 518)), **common)
+    with tracking.stage_run("train", model, params) as run:
+        start = time.perf_counter()
+        engine = Engine(
+            default_root_dir=output / "training",
+            logger=tracking.engine_logger(f"train-{model}", run.info.run_id),
+            accelerator="cpu",
+            devices=1,
+            max_steps=recipe["max_steps"],
+            limit_val_batches=recipe.get("limit_val_batches", 1),
+            enable_progress_bar=False,
+        )
+        engine.fit(module, datamodule=datamodule)
+        minutes = (time.perf_counter() - start) / 60.0
+        mlflow.log_metric("train_minutes", minutes)
+    shutil.rmtree(output / "training", ignore_errors=True)
+    checkpoint = output / f"{model}.pth"
+    if model == "inctrl":
+        from anomalib_uas.models.inctrl.checkpoint import to_official
+
+        torch.save(to_official(module.model, include_clip=False), checkpoint)
+    else:
+        module.save_official_checkpoint(checkpoint)
+    shutil.copy(clip, output / "clip.pt")
+    status = {
+        "status": "ready",
+        "checkpoint": str(checkpoint),
+        "clip_model": config["clip_model"],
+        "clip_weights": str(output / "clip.pt"),
+        "train_minutes": round(minutes, 2),
+        "mlflow_run_id": run.info.run_id,
+        "description": (
+            f"{model} ({config['clip_model']}) trained on the auxiliary categories {', '.join(recipe['categories'])} "
+            f"of {root} for {recipe['max_steps']} steps ({minutes:.1f} min)"
+        ),
+    }
+    if model == "faprompt":
+        status["image_size"] = int(config.get("image_size", 518))
+    return status
+
+
+def _clip_model_weights(model: str, source: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
+    if source == "train":
+        return _train_clip_model(model, params, output)
+    prepare = _inctrl_weights if model == "inctrl" else _faprompt_weights
+    return prepare(source, params, output)
+
+
+_PREPARE = {
+    "metauas": _metauas_weights,
+    "inctrl": lambda source, params, output: _clip_model_weights("inctrl", source, params, output),
+    "faprompt": lambda source, params, output: _clip_model_weights("faprompt", source, params, output),
+}
 
 
 def _metauas_kwargs(status: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -234,6 +502,8 @@ def _metauas_kwargs(status: dict[str, Any], params: dict[str, Any]) -> dict[str,
     return {
         "image_size": evaluation["image_size"],
         "backbone": status["backbone"],
+        "fusion": status["fusion"],
+        "decoder_channels": status["decoder_channels"],
         "k_shot": evaluation["k_shot"],
         "prompt_strategy": evaluation["prompt_strategy"],
         "seed": evaluation["seed"],
@@ -244,6 +514,51 @@ def _build_metauas(status: dict[str, Any], params: dict[str, Any]) -> Any:
     from anomalib_uas.models import MetaUAS
 
     return MetaUAS.from_official_checkpoint(status["checkpoint"], visualizer=False, **_metauas_kwargs(status, params))
+
+
+def _build_inctrl(status: dict[str, Any], params: dict[str, Any]) -> Any:
+    """InCTRL with k normal prompts drawn (seeded) from the category's normal training images."""
+    from anomalib_uas.models.inctrl import InCTRL
+
+    return InCTRL(
+        clip_model=status["clip_model"],
+        pretrained=None,  # CLIP comes from the checkpoint's tower or from clip_weights, never from a download
+        clip_weights=status["clip_weights"],
+        weights=status["checkpoint"],
+        k_shot=params["evaluate"]["k_shot"],
+        seed=params["evaluate"]["seed"],
+        visualizer=False,
+    )
+
+
+def _build_faprompt(status: dict[str, Any], params: dict[str, Any]) -> Any:
+    """FAPrompt zero-shot: no image of the category is used."""
+    from anomalib_uas.models.faprompt import FAPrompt
+
+    del params
+    return FAPrompt.from_official_checkpoint(
+        status["checkpoint"],
+        clip_weights=status["clip_weights"],
+        clip_model=status["clip_model"],
+        clip_pretrained=None,
+        image_size=status["image_size"],
+        visualizer=False,
+    )
+
+
+def build_model(model: str, status: dict[str, Any], params: dict[str, Any]) -> Any:
+    """Build the anomalib model that :func:`prepare_weights` made ready.
+
+    Args:
+        model: Model name.
+        status: The model's ``status.json`` (checkpoint paths, backbone, CLIP model).
+        params: Pipeline parameters (the ``evaluate`` section: k-shot, prompt strategy, seed).
+
+    Returns:
+        A fresh ``AnomalibModule`` without visualizer.
+    """
+    builders = {"metauas": _build_metauas, "inctrl": _build_inctrl, "faprompt": _build_faprompt}
+    return builders[model](status, params)
 
 
 def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[str, Any]:
@@ -273,7 +588,7 @@ def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[
         return metrics
     with tracking.stage_run("evaluate", model, params) as run:
         rows = evaluate_model(
-            lambda: _build_metauas(status, params),
+            lambda: build_model(model, status, params),
             data,
             categories,
             output_dir=Path("results") / model,
@@ -308,7 +623,10 @@ def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[
             },
         )
         mlflow.log_artifacts(str(reports), artifact_path="reports")
-        if params["registry"]["register"]:
+        if params["registry"]["register"] and model != "metauas":
+            # The pyfunc of anomalib_uas.serving serves MetaUAS only: the CLIP models are evaluated, not registered.
+            logger.info("%s is evaluated but not registered: serving supports MetaUAS only", model)
+        elif params["registry"]["register"]:
             for row in rows:
                 config = {"model": model, "kwargs": _metauas_kwargs(status, params), **thresholds[row["category"]]}
                 tracking.register_model(
@@ -391,12 +709,13 @@ def review(params: dict[str, Any], reports: Path = REPORTS_DIR) -> dict[str, Any
         if status["status"] != "ready":
             continue
         evaluation = json.loads((reports / model / "evaluation.json").read_text())
-        module = _build_metauas(status, params)
-        network, transform = module.model.eval(), module.pre_processor.transform
+        module = _build_metauas(status, params) if model == "metauas" else None  # embeddings: MetaUAS only
         for category in params["data"]["categories"]:
             predictions = PREDICTIONS_DIR / model / category / "predictions.npz"
             paths = [str(p) for p in np.load(predictions)["image_path"]]
-            embeddings = _embeddings(network, transform, paths)
+            embeddings = None
+            if module is not None:
+                embeddings = _embeddings(module.model.eval(), module.pre_processor.transform, paths)
             dataset = build_review_dataset(
                 model,
                 category,
@@ -404,6 +723,7 @@ def review(params: dict[str, Any], reports: Path = REPORTS_DIR) -> dict[str, Any
                 embeddings=embeddings,
                 prompt_paths=evaluation["prompt_paths"][category],
                 mlflow_run_id=evaluation["mlflow_run_id"],
+                media_dir=REVIEW_MEDIA_DIR / model / category,
                 **evaluation["thresholds"][category],
             )
             counts = dataset.count_values("eval")

@@ -14,11 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
-
-from anomalib_uas.models.metauas.checkpoint import to_official
-from anomalib_uas.models.metauas.torch_model import MetaUASModel
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +41,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(categories=["brick", "grass"], image_size=64)
     params["evaluate"].update(image_size=64)
+    params["train"]["metauas"].update(image_size=64, max_steps=3, batch_size=2, num_pairs=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    torch.manual_seed(0)
-    torch.save(
-        to_official(MetaUASModel("tf_efficientnet_b4", pretrained_backbone=False)),
-        root / "weights" / "metauas-256.ckpt",
-    )
     env = {**os.environ, "UAS_OFFLINE": "1", "UAS_WEIGHTS_DIR": str(root / "empty-cache"), "DVC_NO_ANALYTICS": "1"}
     _run(["git", "init", "-q"], root, env)
     _run(["dvc", "init", "-q"], root, env)
@@ -89,9 +81,14 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
     champion = client.get_model_version_by_alias("anomalib-uas-brick", "champion")
     assert champion.tags["uas.model"] == "metauas"
     assert float(champion.tags["pixel_AUPRO"]) == pytest.approx(metrics["categories"]["brick"]["pixel_AUPRO"], abs=1e-6)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("anomalib-uas").experiment_id], "tags.`uas.stage` = 'evaluate'"
-    )
+    experiment = client.get_experiment_by_name("anomalib-uas").experiment_id
+    training = client.search_runs([experiment], "tags.`uas.stage` = 'train'")[0]
+    assert training.data.params["train.metauas.max_steps"] == "3"
+    assert training.data.metrics["train_minutes"] > 0
+    status = json.loads((root / "checkpoints" / "metauas" / "status.json").read_text())
+    assert status["mlflow_run_id"] == training.info.run_id
+    assert "meta-trained offline" in status["description"]
+    runs = client.search_runs([experiment], "tags.`uas.stage` = 'evaluate'")
     run = next(r for r in runs if r.data.tags.get("uas.model") == "metauas")
     assert run.data.metrics["brick.image_AUROC"] == pytest.approx(metrics["categories"]["brick"]["image_AUROC"])
     assert run.data.params["evaluate.k_shot"] == "1"
@@ -122,3 +119,20 @@ def test_missing_weights_are_skipped_with_the_fix(project: tuple[Path, dict[str,
     assert "UAS_WEIGHTS_DIR" in reason
     assert "weights/metauas-512.ckpt" in reason
     assert "**metauas** skipped" in (root / "reports" / "report.md").read_text()
+
+
+def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, env = project
+    _run(["dvc", "repro"], root, env)
+    remote = tmp_path / "store"
+    _run(["dvc", "remote", "add", "-d", "-f", "local", str(remote)], root, env)
+    _run(["dvc", "push"], root, env)
+    assert any((remote / "files" / "md5").rglob("*"))
+    shutil.rmtree(root / "data" / "dataset")
+    _run(["dvc", "pull"], root, env)
+    assert sorted(p.name for p in (root / "data" / "dataset").iterdir()) == ["brick", "grass", "demo_manifest.json"]
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], root, env)
+    _run(["dvc", "exp", "run", "-S", "evaluate.seed=1", "-n", "seed1"], root, env)
+    experiments = _run(["dvc", "exp", "show", "--json"], root, env)
+    assert "seed1" in experiments

@@ -5,7 +5,7 @@
 Universal models (InCTRL, FAPrompt, MetaUAS fine-tuning) are trained on *auxiliary* categories that hold labelled
 anomalies, then applied to unseen ones. anomalib's datamodules only put normal images in the train split, so this
 module provides a datamodule whose train split holds all images (train/good and every test folder) of the given
-categories with their labels and masks, optionally drawn class-balanced with a seeded sampler. Validation and test
+categories with their labels and masks, optionally in exactly class-balanced batches. Validation and test
 use the categories' test folders.
 
 Example:
@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.datasets.image.mvtecad import IMG_EXTENSIONS, make_mvtec_ad_dataset
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
+
+from anomalib_uas.data.sampling import BalancedBatchSampler
 
 __all__ = ["AuxiliaryDataModule", "AuxiliaryDataset"]
 
@@ -103,12 +104,13 @@ class AuxiliaryDataModule(AnomalibDataModule):
         train_batch_size: Training batch size.
         eval_batch_size: Validation and test batch size.
         num_workers: Data-loading workers.
-        balanced: Draw normal and anomalous training images equally often (seeded).
+        balanced: Every training batch holds half normal, half anomalous images (seeded, see
+            :class:`~anomalib_uas.data.sampling.BalancedBatchSampler`).
         train_augmentations: Augmentations of training images.
         val_augmentations: Augmentations of validation images.
         test_augmentations: Augmentations of test images.
         augmentations: Augmentations used where no stage-specific ones are given.
-        seed: Seed of the balanced sampler.
+        seed: Seed of the balanced batches.
     """
 
     def __init__(
@@ -149,21 +151,15 @@ class AuxiliaryDataModule(AnomalibDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Training loader, class-balanced when ``balanced`` is set.
+        """Training loader, with exactly balanced batches when ``balanced`` is set.
 
         Returns:
             The loader.
         """
         if not self.balanced:
             return super().train_dataloader()
-        labels = torch.as_tensor(self.train_data.samples.label_index.to_numpy())
-        counts = torch.bincount(labels, minlength=2).clamp(min=1).double()
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), generator=generator)
+        labels = self.train_data.samples.label_index.tolist()
+        sampler = BalancedBatchSampler(labels, batch_size=self.train_batch_size, seed=self.seed)
         return DataLoader(
-            self.train_data,
-            batch_size=self.train_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.train_data.collate_fn,
+            self.train_data, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=self.train_data.collate_fn
         )

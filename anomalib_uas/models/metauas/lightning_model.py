@@ -42,7 +42,7 @@ from anomalib_uas.data.images import list_images, read_image
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.components.transforms import SizedPreProcessor
 from anomalib_uas.models.metauas.checkpoint import OFFICIAL_BACKBONE, from_official
-from anomalib_uas.models.metauas.torch_model import MetaUASModel
+from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS, MetaUASModel
 from anomalib_uas.weights import WeightsError, known_source_of, load_state_dict, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class MetaUAS(AnomalibModule):
         seed: Seed of the random prompt choice and of the initialisation of layers no checkpoint overwrites.
         alignment: ``"soft"`` or ``"hard"``.
         fusion: ``"cat"``, ``"add"`` or ``"absdiff"``.
+        decoder_channels: Output channels of the five decoder blocks (the official ones by default; narrower
+            decoders train and run faster).
         meta_train: Train on change pairs (``ChangePairDataModule``) when ``Engine.fit`` runs; otherwise the model
             is used as published and ``fit`` only collects prompts and thresholds.
         learning_rate: AdamW learning rate of meta-training.
@@ -98,6 +100,7 @@ class MetaUAS(AnomalibModule):
         seed: int = 0,
         alignment: str = "soft",
         fusion: str = "cat",
+        decoder_channels: Sequence[int] = OFFICIAL_DECODER_CHANNELS,
         meta_train: bool = False,
         learning_rate: float = 1e-4,
         weight_decay: float = 5e-4,
@@ -132,6 +135,7 @@ class MetaUAS(AnomalibModule):
                 pretrained_backbone=pretrained_backbone and weights is None,
                 alignment=alignment,
                 fusion=fusion,
+                decoder_channels=tuple(decoder_channels),
                 k_shot=k_shot,
                 retrieval=prompt_strategy != "random",
                 train_encoder=train_encoder,
@@ -299,8 +303,17 @@ class MetaUAS(AnomalibModule):
 
         Returns:
             The loss.
+
+        Raises:
+            TypeError: When the batch is not a change-pair batch.
         """
         del args, kwargs
+        if not hasattr(batch, "prompt"):
+            msg = (
+                f"Meta-training learns from change pairs, got a {type(batch).__name__} without prompts. Fit with "
+                "anomalib_uas.synthesis.ChangePairDataModule, or set meta_train=False to use the model as published."
+            )
+            raise TypeError(msg)
         prompt = self.pre_processor.transform(batch.prompt) if self.pre_processor is not None else batch.prompt
         logits = self.model(batch.image, prompt).squeeze(1)
         loss = self.loss(logits, batch.gt_mask.float())
@@ -308,14 +321,15 @@ class MetaUAS(AnomalibModule):
         return loss
 
     def setup(self, stage: str | None = None) -> None:
-        """Load weights and collect the prompt images of this run.
+        """Load weights and collect the prompt images of this run (none while meta-training: pairs carry them).
 
         Args:
             stage: Lightning stage.
         """
-        del stage
         if not self._weights_loaded:
             self.load_weights()
+        if self.meta_train and stage == "fit":
+            return
         images = self._collect_prompt_images()
         if images is not None:
             self._prompt_images = images

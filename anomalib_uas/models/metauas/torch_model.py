@@ -40,6 +40,7 @@ from anomalib_uas.models.components.backbones import build_encoder
 __all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "UNetDecoder"]
 
 ALIGNED_LEVELS = 3
+OFFICIAL_DECODER_CHANNELS = (256, 128, 64, 64, 48)
 ALIGNMENTS = ("soft", "hard")
 FUSIONS = ("cat", "add", "absdiff")
 
@@ -235,7 +236,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         pretrained_backbone: bool = True,
         alignment: str = "soft",
         fusion: str = "cat",
-        decoder_channels: Sequence[int] = (256, 128, 64, 64, 48),
+        decoder_channels: Sequence[int] = OFFICIAL_DECODER_CHANNELS,
         k_shot: int = 1,
         retrieval: bool = False,
         train_encoder: bool = False,
@@ -247,7 +248,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         if k_shot < 1:
             msg = f"k_shot must be at least 1, got {k_shot}"
             raise ValueError(msg)
-        self.encoder = build_encoder(backbone, pretrained=pretrained_backbone)
+        self.encoder = build_encoder(backbone, pretrained=pretrained_backbone).eval()
         self.encoder.requires_grad_(train_encoder)
         self.train_encoder = train_encoder
         channels = self.encoder.out_channels

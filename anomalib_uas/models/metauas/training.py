@@ -1,0 +1,167 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""MetaUAS meta-training on synthetic change pairs (the official repository has no training code).
+
+:func:`train_metauas` runs ``Engine.fit`` with ``MetaUAS(meta_train=True)`` on a
+:class:`~anomalib_uas.synthesis.ChangePairDataModule`: frozen encoder (optionally trainable), BCE on the change logits,
+AdamW. Lightning checkpoints (``last.ckpt``, for resuming) and a checkpoint in the official state_dict format
+(loadable with :meth:`MetaUAS.from_official_checkpoint`) are written to the output folder.
+
+Example:
+    >>> from anomalib_uas.models.metauas.training import train_metauas
+    >>> checkpoint = train_metauas("weights/metauas-lite0", max_steps=600)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.callbacks import ModelCheckpoint
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+
+from anomalib_uas.models.metauas.checkpoint import to_official
+from anomalib_uas.models.metauas.lightning_model import MetaUAS
+from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
+from anomalib_uas.synthesis import ChangePairDataModule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OfficialFormatCheckpoint", "train_metauas"]
+
+OFFICIAL_FILENAME = "metauas.pth"
+
+
+class OfficialFormatCheckpoint(Callback):
+    """Write the network in the official MetaUAS state_dict format after every epoch and at the end of fitting.
+
+    Args:
+        path: Output file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".part")
+        torch.save(to_official(pl_module.model), partial)
+        partial.replace(self.path)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write after each epoch.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The MetaUAS module.
+        """
+        self._write(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write once fitting ends (also after ``max_steps`` mid-epoch).
+
+        Args:
+            trainer: The trainer.
+            pl_module: The MetaUAS module.
+        """
+        self._write(trainer, pl_module)
+
+
+def train_metauas(
+    output_dir: str | Path,
+    backbone: str = "efficientnet_lite0",
+    fusion: str = "cat",
+    decoder_channels: Sequence[int] = OFFICIAL_DECODER_CHANNELS,
+    image_size: int = 256,
+    max_steps: int = 600,
+    batch_size: int = 8,
+    num_pairs: int = 4096,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 5e-4,
+    sources: Sequence[str | Path] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    num_workers: int = 0,
+    devices: int = 1,
+    strategy: str = "auto",
+    callbacks: Sequence[Callback] = (),
+    logger: Logger | bool = False,
+    **engine_kwargs: Any,
+) -> Path:
+    """Meta-train MetaUAS on synthetic change pairs.
+
+    Args:
+        output_dir: Folder for the Lightning checkpoints and the official-format checkpoint.
+        backbone: Encoder (ImageNet weights are loaded; EfficientNet-Lite ones work offline).
+        fusion: How aligned prompt features join the query's: ``cat`` (the official layout), ``add`` or
+            ``absdiff``; load the checkpoint with the same value.
+        decoder_channels: Output channels of the five decoder blocks; load the checkpoint with the same value.
+        image_size: Pair size.
+        max_steps: Optimisation steps.
+        batch_size: Pairs per step (per process).
+        num_pairs: Pairs per epoch.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        sources: Image folders; ``None`` uses the images that ship with installed packages.
+        seed: Seed of the pairs, their order and the initialisation.
+        resume: Continue from ``last.ckpt`` in ``output_dir`` when it exists.
+        num_workers: Data-loading workers.
+        devices: CPU processes (``strategy="ddp"`` for more than one). Parameters stay identical across the
+            processes; the decoder's batch-norm statistics are those of rank 0 (DDP broadcasts them every step), which
+            writes the checkpoints.
+        strategy: Lightning strategy.
+        callbacks: Further Lightning callbacks.
+        logger: Lightning logger of the losses (e.g. anomalib's MLflow logger); none by default.
+        **engine_kwargs: Further Trainer arguments.
+
+    Returns:
+        Path of the official-format checkpoint.
+    """
+    output_dir = Path(output_dir)
+    torch.manual_seed(seed)
+    model = MetaUAS(
+        backbone=backbone,
+        fusion=fusion,
+        decoder_channels=decoder_channels,
+        image_size=image_size,
+        meta_train=True,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        seed=seed,
+        visualizer=False,
+        evaluator=False,
+    )
+    datamodule = ChangePairDataModule(
+        sources=sources,
+        image_size=image_size,
+        num_pairs=num_pairs,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+    )
+    official = output_dir / OFFICIAL_FILENAME
+    checkpoints = [
+        ModelCheckpoint(dirpath=output_dir, filename="metauas-{step}", save_last=True, every_n_train_steps=100),
+        OfficialFormatCheckpoint(official),
+    ]
+    engine = Engine(
+        default_root_dir=output_dir / "engine",
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=logger,
+        callbacks=[*checkpoints, *callbacks],
+        **engine_kwargs,
+    )
+    last = output_dir / "last.ckpt"
+    engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
+    logger.info("MetaUAS checkpoint in the official format: %s", official)
+    return official

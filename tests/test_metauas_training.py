@@ -1,0 +1,168 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""MetaUAS meta-training on synthetic change pairs: loss, checkpoints in both formats, resumption, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from anomalib_uas.models import MetaUAS
+from anomalib_uas.models.metauas.training import train_metauas
+from anomalib_uas.synthesis import ChangePairDataModule
+
+pytestmark = pytest.mark.slow
+
+SIZE = 64
+RECIPE: dict[str, Any] = {
+    "backbone": "efficientnet_lite0",
+    "image_size": SIZE,
+    "batch_size": 4,
+    "learning_rate": 1e-3,
+    "seed": 0,
+    "enable_progress_bar": False,
+}
+
+
+class LossRecorder(Callback):
+    """Keep the training loss of every step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
+        """Record the step's loss.
+
+        Args:
+            trainer: Unused.
+            pl_module: Unused.
+            outputs: The step output.
+            *args: Unused.
+        """
+        del trainer, pl_module, args
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LossRecorder]:
+    output = tmp_path_factory.mktemp("training")
+    recorder = LossRecorder()
+    train_metauas(output, max_steps=40, num_pairs=8, callbacks=[recorder], **RECIPE)
+    return output, recorder
+
+
+def test_loss_falls(trained: tuple[Path, LossRecorder]) -> None:
+    _, recorder = trained
+    losses = recorder.losses
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, f"loss did not fall: first steps {first:.3f}, last steps {last:.3f}"
+
+
+def _pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    datamodule = ChangePairDataModule(image_size=SIZE, num_pairs=4, batch_size=4, seed=7)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    return batch.image, batch.prompt
+
+
+def test_both_checkpoint_formats_reload_and_predict_the_same(trained: tuple[Path, LossRecorder]) -> None:
+    output, _ = trained
+    assert (output / "last.ckpt").is_file()
+    official = MetaUAS.from_official_checkpoint(output / "metauas.pth", image_size=SIZE, backbone="efficientnet_lite0")
+    lightning = MetaUAS.load_from_checkpoint(output / "last.ckpt", weights_only=False)
+    untrained = MetaUAS(backbone="efficientnet_lite0", image_size=SIZE)
+    images, prompts = _pairs()
+    transform = official.pre_processor.transform
+    images, prompts = transform(images), transform(prompts)
+    with torch.no_grad():
+        expected = lightning.model.eval()(images, prompts).anomaly_map
+        reloaded = official.model.eval()(images, prompts).anomaly_map
+        initial = untrained.model.eval()(images, prompts).anomaly_map
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
+    assert (reloaded - initial).abs().max() > 1e-2
+
+
+def test_trained_checkpoint_runs_engine_test(
+    trained: tuple[Path, LossRecorder], demo_root: Path, tmp_path: Path
+) -> None:
+    from anomalib.data import MVTecAD
+
+    output, _ = trained
+    model = MetaUAS.from_official_checkpoint(output / "metauas.pth", image_size=SIZE, backbone="efficientnet_lite0")
+    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+    assert 0.0 <= results["pixel_AUROC"] <= 1.0
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path: Path) -> None:
+    train_metauas(tmp_path, max_steps=2, num_pairs=8, **RECIPE)
+    first = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 2
+    train_metauas(tmp_path, max_steps=4, num_pairs=8, resume=True, **RECIPE)
+    resumed = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 4
+    assert resumed["optimizer_states"][0]["state"]
+
+
+def test_meta_training_needs_change_pairs(demo_root: Path, tmp_path: Path) -> None:
+    from anomalib.data import MVTecAD
+
+    model = MetaUAS(backbone="efficientnet_lite0", image_size=SIZE, meta_train=True)
+    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", max_steps=1, logger=False)
+    with pytest.raises(TypeError, match="ChangePairDataModule"):
+        engine.fit(model, datamodule=datamodule)
+
+
+DDP_SCRIPT = """
+import hashlib, json, sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+from anomalib_uas.models.metauas.training import train_metauas
+
+
+class Replica(Callback):
+    def on_fit_end(self, trainer, pl_module):
+        digest = hashlib.sha256()
+        for parameter in pl_module.model.parameters():
+            digest.update(parameter.detach().contiguous().numpy().tobytes())
+        record = {{"world_size": trainer.world_size, "backend": torch.distributed.get_backend(),
+                   "step": trainer.global_step, "sha": digest.hexdigest()}}
+        Path(sys.argv[1], f"rank{{trainer.global_rank}}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    train_metauas(sys.argv[1], max_steps=3, num_pairs=16, devices=2, strategy="ddp", callbacks=[Replica()],
+                  **{recipe!r})
+"""
+
+
+def test_ddp_on_two_cpu_processes_keeps_parameters_identical(tmp_path: Path) -> None:
+    script = tmp_path / "train_ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(recipe=RECIPE)))
+    output = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(output)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(rank["world_size"] == 2 and rank["backend"] == "gloo" and rank["step"] == 3 for rank in ranks)
+    assert ranks[0]["sha"] == ranks[1]["sha"]
+    reloaded = MetaUAS.from_official_checkpoint(output / "metauas.pth", image_size=SIZE, backbone="efficientnet_lite0")
+    assert not reloaded.model.has_prompts

@@ -1,0 +1,228 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The pipeline with the CLIP models: official-format files under ``weights/``, skip reasons, auxiliary training.
+
+Tiny random CLIP configurations stand in for the real backbones, so that the official file formats and every
+stage run for real without any download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_B = "uas-tiny-ViT-B-16-plus-240"
+TINY_L = "uas-tiny-ViT-L-14-336"
+FAPROMPT_SIZE = 112
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _write_official_files(weights: Path) -> dict[str, Path]:
+    """Official-format files of tiny random models: InCTRL's checkpoint.pyth (CLIP inside), FAPrompt's epoch file
+    and its separate CLIP file, and a CLIP-only file for InCTRL training."""
+    from anomalib_uas.models.faprompt import FAPrompt
+    from anomalib_uas.models.inctrl import InCTRL
+    from anomalib_uas.models.inctrl.checkpoint import to_official
+
+    inctrl = InCTRL(clip_model=TINY_B, pretrained=None, visualizer=False)
+    faprompt = FAPrompt(clip_model=TINY_L, clip_pretrained=None, image_size=FAPROMPT_SIZE, visualizer=False)
+    files = {
+        "inctrl": weights / "inctrl" / "2" / "checkpoint.pyth",
+        "inctrl_clip": weights / "inctrl" / f"{TINY_B}.pt",
+        "faprompt": weights / "faprompt" / "epoch_15.pth",
+        "faprompt_clip": weights / "faprompt" / f"{TINY_L}.pt",
+    }
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(to_official(inctrl.model), files["inctrl"])
+    torch.save(inctrl.model.clip.state_dict(), files["inctrl_clip"])
+    faprompt.save_official_checkpoint(files["faprompt"])
+    torch.save(faprompt.model.clip.state_dict(), files["faprompt_clip"])
+    return files
+
+
+def _tiny_params(params: dict[str, Any]) -> dict[str, Any]:
+    params["data"].update(categories=["brick"], image_size=64)
+    params["evaluate"].update(image_size=64)
+    params["train"]["metauas"].update(image_size=64, max_steps=2, batch_size=2, num_pairs=8)
+    params["models_config"]["inctrl"]["clip_model"] = TINY_B
+    params["models_config"]["faprompt"].update(clip_model=TINY_L, image_size=FAPROMPT_SIZE)
+    return params
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _write_official_files(tmp_path_factory.mktemp("official") / "weights")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, official_files: dict[str, Path]) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("pipelines", "weights", "anomalib_uas"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for key in ("inctrl", "faprompt_clip"):  # the FAPrompt checkpoint arrives later
+        target = root / "weights" / official_files[key].relative_to(official_files["inctrl"].parents[2])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(official_files[key], target)
+    params = _tiny_params(yaml.safe_load((root / "params.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "UAS_OFFLINE": "1", "UAS_WEIGHTS_DIR": str(root / "empty-cache"), "DVC_NO_ANALYTICS": "1"}
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root, env)
+    return root, env
+
+
+def _metrics(root: Path, model: str) -> dict[str, Any]:
+    return json.loads((root / "reports" / model / "metrics.json").read_text())
+
+
+def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    assert (root / "weights" / "inctrl" / "2" / "checkpoint.pyth").is_file()
+    output = _run(["dvc", "repro"], root, env)
+    assert {"weights@inctrl", "evaluate@inctrl", "weights@faprompt", "evaluate@faprompt", "review"} <= _stages_run(
+        output
+    )
+    metrics = _metrics(root, "inctrl")
+    assert metrics["skipped"] == 0
+    row = metrics["categories"]["brick"]
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "ms_per_image"} <= set(row)
+    assert all(0.0 <= row[name] <= 1.0 for name in ("image_AUROC", "pixel_AUROC"))
+    status = json.loads((root / "checkpoints" / "inctrl" / "status.json").read_text())
+    assert status["clip_model"] == TINY_B
+    assert "weights/inctrl/2/checkpoint.pyth" in status["description"]
+    evaluation = json.loads((root / "reports" / "inctrl" / "evaluation.json").read_text())
+    assert len(evaluation["prompt_paths"]["brick"]) == 1  # evaluate.k_shot
+    assert "/train/good/" in evaluation["prompt_paths"]["brick"][0]
+    saved = np.load(root / "predictions" / "inctrl" / "brick" / "predictions.npz")
+    assert len(saved["pred_score"]) == len(saved["gt_label"]) > 0
+
+    assert _metrics(root, "faprompt") == {"skipped": 1}
+    reason = json.loads((root / "reports" / "faprompt" / "skipped.json").read_text())["reason"]
+    assert "weights/faprompt/epoch_15.pth" in reason
+    assert "weights.faprompt" in reason
+    assert "dvc repro" in reason
+    report = (root / "reports" / "report.md").read_text()
+    assert "| inctrl | brick |" in report
+    assert "**faprompt** skipped: " in report
+    assert "| metauas | brick |" in report
+    review = json.loads((root / "reports" / "review.json").read_text())
+    assert review["uas-inctrl-brick"]["samples"] == len(saved["pred_score"])
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("anomalib-uas").experiment_id
+    runs = client.search_runs([experiment], "tags.`uas.stage` = 'evaluate'")
+    run = next(r for r in runs if r.data.tags.get("uas.model") == "inctrl")
+    assert run.data.metrics["brick.image_AUROC"] == pytest.approx(row["image_AUROC"])
+    versions = client.search_model_versions("name='anomalib-uas-brick'")
+    assert {v.tags["uas.model"] for v in versions} == {"metauas"}  # the CLIP models are not registered
+
+
+def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
+    project: tuple[Path, dict[str, str]], official_files: dict[str, Path]
+) -> None:
+    root, env = project
+    shutil.copy(official_files["faprompt"], root / "weights" / "faprompt" / "epoch_15.pth")
+    ran = _stages_run(_run(["dvc", "repro"], root, env))
+    assert {"weights@faprompt", "evaluate@faprompt", "report"} <= ran
+    metrics = _metrics(root, "faprompt")
+    assert metrics["skipped"] == 0
+    assert {"image_AUROC", "pixel_AUPRO"} <= set(metrics["categories"]["brick"])
+    assert not (root / "reports" / "faprompt" / "skipped.json").exists()
+    saved = np.load(root / "predictions" / "faprompt" / "brick" / "predictions.npz")
+    assert saved["anomaly_map"].shape[1:] == (FAPROMPT_SIZE, FAPROMPT_SIZE)
+    report = (root / "reports" / "report.md").read_text()
+    assert "| faprompt | brick |" in report
+    assert "skipped" not in report
+    assert "uas-faprompt-brick" in json.loads((root / "reports" / "review.json").read_text())
+    assert "faprompt" in _run(["dvc", "metrics", "show"], root, env)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UAS_OFFLINE", "1")
+    monkeypatch.setenv("UAS_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def test_missing_files_give_the_skip_reason_naming_each_file(workdir: Path) -> None:
+    from anomalib_uas.pipeline import prepare_weights
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    inctrl = prepare_weights("inctrl", params)
+    assert inctrl["status"] == "skipped"
+    assert "weights/inctrl/2/checkpoint.pyth" in inctrl["reason"]
+    assert "weights.inctrl" in inctrl["reason"]
+
+    faprompt = prepare_weights("faprompt", params)["reason"]
+    for expected in (
+        "weights/faprompt/epoch_15.pth",
+        "weights.faprompt",
+        "ViT-L-14-336px.pt",
+        "weights/faprompt/ViT-L-14-336px.pt",
+        str(workdir / "cache"),
+        "UAS_WEIGHTS_DIR",
+        "models_config.faprompt.clip_weights",
+    ):
+        assert expected in faprompt, expected
+    assert json.loads((workdir / "checkpoints" / "faprompt" / "status.json").read_text())["reason"] == faprompt
+
+    params["models_config"]["inctrl"]["clip_weights"] = "nowhere/clip.pt"
+    params["weights"]["inctrl"] = "train"
+    reason = prepare_weights("inctrl", params)["reason"]
+    assert "datasets/auxiliary/bottle" in reason
+    assert "train.inctrl.root" in reason
+    assert "nowhere/clip.pt" in reason
+
+
+def test_auxiliary_training_of_inctrl_feeds_the_evaluation(
+    workdir: Path, official_files: dict[str, Path], demo_root: Path
+) -> None:
+    from anomalib_uas.models.inctrl.checkpoint import TRAINED_PREFIXES
+    from anomalib_uas.pipeline import build_model, prepare_weights
+    from anomalib_uas.weights import load_state_dict
+
+    params = _tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["weights"]["inctrl"] = "train"
+    params["models_config"]["inctrl"]["clip_weights"] = str(official_files["inctrl_clip"])
+    categories = sorted(p.name for p in demo_root.iterdir() if p.is_dir())
+    params["train"]["inctrl"].update(root=str(demo_root), categories=categories, max_steps=2, batch_size=4)
+    status = prepare_weights("inctrl", params)
+    assert status["status"] == "ready", status.get("reason")
+    trained = load_state_dict(status["checkpoint"])
+    assert trained
+    assert all(key.startswith(TRAINED_PREFIXES) for key in trained)
+    assert "trained on the auxiliary categories" in status["description"]
+    assert mlflow.get_run(status["mlflow_run_id"]).data.metrics["train_minutes"] > 0
+    module = build_model("inctrl", status, params)
+    for key, value in trained.items():
+        torch.testing.assert_close(module.model.state_dict()[key], value, atol=0, rtol=0)
