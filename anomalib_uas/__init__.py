@@ -7,8 +7,8 @@ Example:
     >>> model = MetaUAS.from_official_checkpoint("metauas-256")  # doctest: +SKIP
 """
 
-from anomalib_uas.models import InCTRL, MetaUAS
+from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
 from anomalib_uas.weights import WeightsError, WeightsNotFoundError, resolve_weights
 
-__all__ = ["InCTRL", "MetaUAS", "WeightsError", "WeightsNotFoundError", "resolve_weights"]
+__all__ = ["FAPrompt", "InCTRL", "MetaUAS", "WeightsError", "WeightsNotFoundError", "resolve_weights"]
 __version__ = "0.1.0"

@@ -138,13 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments; ``sys.argv[1:]`` by default.
 
     Returns:
-        The exit code: 0 on success, 2 for bad input (the message says what to fix).
+        The exit code: 0 on success, 2 for bad input or an unusable weights file (the message says what to fix).
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from anomalib_uas.weights import WeightsError
+
     try:
         _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, WeightsError) as exc:
         print(f"uas {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

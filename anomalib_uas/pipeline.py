@@ -12,6 +12,24 @@ Data flows one way through fixed paths, each stage reading only what the stage b
 4. :func:`~anomalib_uas.report.write_report`: one comparison table (Markdown and an offline HTML page);
 5. :func:`review`: FiftyOne review datasets of every evaluation (``reports/review.json`` lists them).
 
+Weights (``params.weights.<model>``), looked up offline first:
+
+* ``metauas``: ``train`` (offline meta-training, ``train.metauas``), ``metauas-256`` / ``metauas-512`` (official:
+  ``weights/<name>.ckpt``, the weights cache, or a sha256-checked download) or a local path;
+* ``inctrl``: ``official`` = ``weights/inctrl/2/checkpoint.pyth`` (the authors' file, its CLIP tower included; for
+  the k = 4 or 8 files give their path), a local path or URL, or ``train`` (``Engine.fit`` on the auxiliary
+  categories of ``train.inctrl``);
+* ``faprompt``: ``official`` = ``weights/faprompt/epoch_15.pth`` (the prompt learner), a local path or URL, or
+  ``train`` (``train.faprompt``).
+
+The CLIP models take their backbone from ``models_config.<model>.clip_model`` and their CLIP weights from
+``models_config.<model>.clip_weights``, else ``weights/<model>/<file>`` or ``$UAS_WEIGHTS_DIR/<file>``, where
+``<file>`` is the open_clip release file (``ViT-L-14-336px.pt``, ``vit_b_16_plus_240-laion400m_e32-699c4b84.pt``,
+downloaded when online) or ``<clip_model>.pt`` for configurations without one. A missing file makes the model
+skipped: the reason names each file, where to put it and the parameter or environment variable that points at it.
+InCTRL and FAPrompt are evaluated and tracked like MetaUAS but not registered in MLflow (serving supports MetaUAS
+only), and their review datasets have no embeddings.
+
 Example:
     >>> from anomalib_uas.pipeline import load_params, prepare_data
     >>> prepare_data(load_params("params.yaml"))  # doctest: +SKIP
@@ -60,6 +78,17 @@ REPORTS_DIR = Path("reports")
 PREDICTIONS_DIR = Path("predictions")
 REVIEW_MEDIA_DIR = Path("review")
 LOCAL_WEIGHTS_DIR = Path("weights")
+# Official file names of the CLIP models under ``weights/`` (the authors publish them without a checksum).
+INCTRL_OFFICIAL = LOCAL_WEIGHTS_DIR / "inctrl" / "2" / "checkpoint.pyth"
+FAPROMPT_OFFICIAL = LOCAL_WEIGHTS_DIR / "faprompt" / "epoch_15.pth"
+# Where the authors publish them, and the open_clip tag of the CLIP weights each model was trained with.
+OFFICIAL_SOURCES = {
+    "inctrl": "`checkpoints/<k>/checkpoint.pyth` (k = 2, 4, 8; it holds its CLIP weights) from the authors' "
+    "Google Drive folder 1McmfxF8_H0BeRvcJ_poGIB-ATQCDDEIa (linked from github.com/mala-lab/InCTRL)",
+    "faprompt": "the `epoch_<N>.pth` prompt-learner checkpoint linked from github.com/mala-lab/FAPrompt",
+}
+CLIP_TAGS = {"inctrl": "laion400m_e32", "faprompt": "openai"}
+CLIP_DEFAULTS = {"inctrl": "ViT-B-16-plus-240", "faprompt": "ViT-L-14-336"}
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -177,7 +206,7 @@ def prepare_weights(model: str, params: dict[str, Any], checkpoints: Path = CHEC
 
     Args:
         model: ``metauas``, ``inctrl`` or ``faprompt``.
-        params: Pipeline parameters (``weights`` and ``train`` sections).
+        params: Pipeline parameters (``weights``, ``train`` and ``models_config`` sections).
         checkpoints: Checkpoints folder; ``<checkpoints>/<model>`` is the stage output.
 
     Returns:
@@ -185,6 +214,7 @@ def prepare_weights(model: str, params: dict[str, Any], checkpoints: Path = CHEC
 
     Raises:
         ValueError: For an unknown model.
+        WeightsError: A file exists but is not a checkpoint of the model (the stage fails with the reason).
     """
     if model not in MODELS:
         msg = f"Unknown model {model!r}; choose one of {MODELS}."
@@ -250,19 +280,6 @@ def _train_metauas(params: dict[str, Any], output: Path) -> dict[str, Any]:
             f"pairs for {recipe['max_steps']} steps ({minutes:.1f} min)"
         ),
     }
-
-
-# Official file names of the CLIP models under ``weights/`` (the authors publish them without a checksum).
-INCTRL_OFFICIAL = LOCAL_WEIGHTS_DIR / "inctrl" / "2" / "checkpoint.pyth"
-FAPROMPT_OFFICIAL = LOCAL_WEIGHTS_DIR / "faprompt" / "epoch_15.pth"
-# Where the authors publish them, and the open_clip tag of the CLIP weights each model was trained with.
-OFFICIAL_SOURCES = {
-    "inctrl": "`checkpoints/<k>/checkpoint.pyth` (k = 2, 4, 8; it holds its CLIP weights) from the authors' "
-    "Google Drive folder 1McmfxF8_H0BeRvcJ_poGIB-ATQCDDEIa (linked from github.com/mala-lab/InCTRL)",
-    "faprompt": "the `epoch_<N>.pth` prompt-learner checkpoint linked from github.com/mala-lab/FAPrompt",
-}
-CLIP_TAGS = {"inctrl": "laion400m_e32", "faprompt": "openai"}
-CLIP_DEFAULTS = {"inctrl": "ViT-B-16-plus-240", "faprompt": "ViT-L-14-336"}
 
 
 def _models_config(model: str, params: dict[str, Any]) -> dict[str, Any]:
