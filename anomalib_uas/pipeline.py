@@ -351,10 +351,12 @@ def _find_checkpoint(model: str, source: str, official: Path) -> tuple[Path | No
             f"the official {model} checkpoint {official} is missing: download {OFFICIAL_SOURCES[model]} and put it "
             f"at {official}, or set {key} in params.yaml to the path of the file"
         )
+    if not source.startswith(("http://", "https://")) and not Path(source).expanduser().is_file():
+        return None, f"the {model} checkpoint {source} named by {key} does not exist: fix the path in params.yaml"
     try:
         return resolve_weights(source), ""
     except WeightsNotFoundError as exc:
-        return None, f"the {model} checkpoint of {key} = {source!r} is missing ({exc})"
+        return None, f"the {model} checkpoint {key} = {source} could not be had: {exc}"
 
 
 def _missing(model: str, problems: list[str]) -> WeightsNotFoundError:
@@ -720,6 +722,7 @@ def review(params: dict[str, Any], reports: Path = REPORTS_DIR) -> dict[str, Any
     """
     from anomalib_uas.review import build_review_dataset
 
+    REVIEW_MEDIA_DIR.mkdir(parents=True, exist_ok=True)  # a stage output, even when every model is skipped
     summary: dict[str, Any] = {}
     for model in params["models"]:
         status = read_status(model)

@@ -130,7 +130,7 @@ def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp
     assert any((remote / "files" / "md5").rglob("*"))
     shutil.rmtree(root / "data" / "dataset")
     _run(["dvc", "pull"], root, env)
-    assert sorted(p.name for p in (root / "data" / "dataset").iterdir()) == ["brick", "grass", "demo_manifest.json"]
+    assert sorted(p.name for p in (root / "data" / "dataset").iterdir()) == ["brick", "demo_manifest.json", "grass"]
     _run(["git", "add", "-A"], root, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], root, env)
     _run(["dvc", "exp", "run", "-S", "evaluate.seed=1", "-n", "seed1"], root, env)

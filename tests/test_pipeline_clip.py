@@ -198,6 +198,12 @@ def test_missing_files_give_the_skip_reason_naming_each_file(workdir: Path) -> N
         assert expected in faprompt, expected
     assert json.loads((workdir / "checkpoints" / "faprompt" / "status.json").read_text())["reason"] == faprompt
 
+    params["weights"]["faprompt"] = "elsewhere/epoch_7.pth"
+    assert (
+        "elsewhere/epoch_7.pth named by weights.faprompt does not exist"
+        in prepare_weights("faprompt", params)["reason"]
+    )
+
     params["models_config"]["inctrl"]["clip_weights"] = "nowhere/clip.pt"
     params["weights"]["inctrl"] = "train"
     reason = prepare_weights("inctrl", params)["reason"]
@@ -206,25 +212,38 @@ def test_missing_files_give_the_skip_reason_naming_each_file(workdir: Path) -> N
     assert "nowhere/clip.pt" in reason
 
 
-def test_auxiliary_training_of_inctrl_feeds_the_evaluation(
-    workdir: Path, official_files: dict[str, Path], demo_root: Path
+@pytest.mark.parametrize("model", ["inctrl", "faprompt"])
+def test_auxiliary_training_feeds_the_evaluation(
+    model: str, workdir: Path, official_files: dict[str, Path], demo_root: Path
 ) -> None:
-    from anomalib_uas.models.inctrl.checkpoint import TRAINED_PREFIXES
     from anomalib_uas.pipeline import build_model, prepare_weights
-    from anomalib_uas.weights import load_state_dict
 
     params = _tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["weights"]["inctrl"] = "train"
-    params["models_config"]["inctrl"]["clip_weights"] = str(official_files["inctrl_clip"])
+    params["weights"][model] = "train"
+    params["models_config"][model]["clip_weights"] = str(official_files[f"{model}_clip"])
     categories = sorted(p.name for p in demo_root.iterdir() if p.is_dir())
-    params["train"]["inctrl"].update(root=str(demo_root), categories=categories, max_steps=2, batch_size=4)
-    status = prepare_weights("inctrl", params)
+    params["train"][model].update(root=str(demo_root), categories=categories, max_steps=2, batch_size=4)
+    status = prepare_weights(model, params)
     assert status["status"] == "ready", status.get("reason")
-    trained = load_state_dict(status["checkpoint"])
-    assert trained
-    assert all(key.startswith(TRAINED_PREFIXES) for key in trained)
     assert "trained on the auxiliary categories" in status["description"]
     assert mlflow.get_run(status["mlflow_run_id"]).data.metrics["train_minutes"] > 0
-    module = build_model("inctrl", status, params)
-    for key, value in trained.items():
-        torch.testing.assert_close(module.model.state_dict()[key], value, atol=0, rtol=0)
+    assert not (workdir / "checkpoints" / model / "training").exists()
+    module = build_model(model, status, params)
+    if model == "inctrl":
+        from anomalib_uas.models.inctrl.checkpoint import TRAINED_PREFIXES
+        from anomalib_uas.weights import load_state_dict
+
+        trained = load_state_dict(status["checkpoint"])
+        assert trained
+        assert all(key.startswith(TRAINED_PREFIXES) for key in trained)
+        for key, value in trained.items():
+            torch.testing.assert_close(module.model.state_dict()[key], value, atol=0, rtol=0)
+    else:
+        from anomalib_uas.models.faprompt.checkpoint import read_official
+
+        learner = module.model.prompt_learner.state_dict()
+        assert torch.equal(
+            read_official(status["checkpoint"])["ctx_pos"].reshape(learner["ctx_pos"].shape), learner["ctx_pos"]
+        )
+        untrained = read_official(official_files["faprompt"])["ctx_pos"]
+        assert not torch.equal(untrained.reshape(learner["ctx_pos"].shape), learner["ctx_pos"])

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -39,6 +39,7 @@ from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from anomalib_uas.models.components.processing import probability_post_processor, segmentation_evaluator
 from anomalib_uas.models.faprompt.checkpoint import from_official, read_official, to_official
 from anomalib_uas.models.faprompt.torch_model import REFERENCE_SIZE, FAPromptLoss, FAPromptModel
 
@@ -207,12 +208,7 @@ class FAPrompt(AnomalibModule):
         Returns:
             The post-processor.
         """
-        post_processor = PostProcessor()
-        for name in ("image", "pixel"):
-            getattr(post_processor, f"_{name}_threshold").fill_(0.5)
-            getattr(post_processor, f"{name}_min").fill_(0.0)
-            getattr(post_processor, f"{name}_max").fill_(1.0)
-        return post_processor
+        return probability_post_processor()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -221,12 +217,7 @@ class FAPrompt(AnomalibModule):
         Returns:
             Evaluator with image AUROC, AUPR, F1Max and pixel AUROC, AUPR, F1Max, AUPRO.
         """
-        image = [metric(fields=["pred_score", "gt_label"], prefix="image_") for metric in (AUROC, AUPR, F1Max)]
-        pixel = [
-            metric(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False)
-            for metric in (AUROC, AUPR, F1Max, AUPRO)
-        ]
-        return Evaluator(test_metrics=image + pixel)
+        return segmentation_evaluator()
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own; the datamodule's is used when there is one.

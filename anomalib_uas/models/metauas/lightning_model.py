@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_uas.data.images import list_images, read_image
+from anomalib_uas.models.components.processing import probability_post_processor, segmentation_evaluator
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.components.transforms import SizedPreProcessor
 from anomalib_uas.models.metauas.checkpoint import OFFICIAL_BACKBONE, from_official
@@ -233,12 +234,7 @@ class MetaUAS(AnomalibModule):
         Returns:
             The post-processor.
         """
-        post_processor = PostProcessor()
-        for name, value in (("image", 0.5), ("pixel", 0.5)):
-            getattr(post_processor, f"_{name}_threshold").fill_(value)
-            getattr(post_processor, f"{name}_min").fill_(0.0)
-            getattr(post_processor, f"{name}_max").fill_(1.0)
-        return post_processor
+        return probability_post_processor()
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own; the datamodule's is used when there is one.
@@ -255,12 +251,7 @@ class MetaUAS(AnomalibModule):
         Returns:
             Evaluator with image AUROC, AUPR, F1Max and pixel AUROC, AUPR, F1Max, AUPRO.
         """
-        image = [metric(fields=["pred_score", "gt_label"], prefix="image_") for metric in (AUROC, AUPR, F1Max)]
-        pixel = [
-            metric(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False)
-            for metric in (AUROC, AUPR, F1Max, AUPRO)
-        ]
-        return Evaluator(test_metrics=image + pixel)
+        return segmentation_evaluator()
 
     @property
     def learning_type(self) -> LearningType:

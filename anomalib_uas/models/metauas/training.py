@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from anomalib_uas.models.metauas.checkpoint import to_official
 from anomalib_uas.models.metauas.lightning_model import MetaUAS
 from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
 from anomalib_uas.synthesis import ChangePairDataModule
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["OfficialFormatCheckpoint", "train_metauas"]
 
@@ -163,5 +160,4 @@ def train_metauas(
     )
     last = output_dir / "last.ckpt"
     engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
-    logger.info("MetaUAS checkpoint in the official format: %s", official)
     return official
