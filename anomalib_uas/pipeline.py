@@ -27,8 +27,8 @@ The CLIP models take their backbone from ``models_config.<model>.clip_model`` an
 ``<file>`` is the open_clip release file (``ViT-L-14-336px.pt``, ``vit_b_16_plus_240-laion400m_e32-699c4b84.pt``,
 downloaded when online) or ``<clip_model>.pt`` for configurations without one. A missing file makes the model
 skipped: the reason names each file, where to put it and the parameter or environment variable that points at it.
-InCTRL and FAPrompt are evaluated and tracked like MetaUAS but not registered in MLflow (serving supports MetaUAS
-only), and their review datasets have no embeddings.
+InCTRL and FAPrompt are evaluated, tracked and reviewed like MetaUAS (similarity search on their CLIP image
+features) but not registered in MLflow: serving supports MetaUAS only.
 
 Example:
     >>> from anomalib_uas.pipeline import load_params, prepare_data
@@ -729,13 +729,11 @@ def review(params: dict[str, Any], reports: Path = REPORTS_DIR) -> dict[str, Any
         if status["status"] != "ready":
             continue
         evaluation = json.loads((reports / model / "evaluation.json").read_text())
-        module = _build_metauas(status, params) if model == "metauas" else None  # embeddings: MetaUAS only
+        module = build_model(model, status, params)
         for category in params["data"]["categories"]:
             predictions = PREDICTIONS_DIR / model / category / "predictions.npz"
             paths = [str(p) for p in np.load(predictions)["image_path"]]
-            embeddings = None
-            if module is not None:
-                embeddings = _embeddings(module.model.eval(), module.pre_processor.transform, paths)
+            embeddings = _embeddings(model, module, paths)
             dataset = build_review_dataset(
                 model,
                 category,
@@ -752,12 +750,22 @@ def review(params: dict[str, Any], reports: Path = REPORTS_DIR) -> dict[str, Any
     return summary
 
 
-def _embeddings(network: Any, transform: Any, paths: list[str], batch_size: int = 16) -> np.ndarray:
+def _embeddings(model: str, module: Any, paths: list[str], batch_size: int = 16) -> np.ndarray:
+    """Global image features of the model's own encoder, for FiftyOne's similarity search.
+
+    MetaUAS: the mean of the deepest encoder level; InCTRL: the CLIP image token; FAPrompt: the CLIP image feature.
+    """
     from anomalib_uas.data.images import read_image
 
+    network, transform = module.model.eval(), module.pre_processor.transform
+    encoders = {
+        "metauas": lambda images: network.encode(images)[-1].mean(dim=(2, 3)),
+        "inctrl": lambda images: network.encode_images(images)[0],
+        "faprompt": lambda images: network.encode_image(images)[0],
+    }
     chunks = []
     for start in range(0, len(paths), batch_size):
         images = torch.stack([transform(read_image(path)) for path in paths[start : start + batch_size]])
         with torch.no_grad():
-            chunks.append(network.encode(images)[-1].mean(dim=(2, 3)).numpy())
+            chunks.append(encoders[model](images).float().numpy())
     return np.concatenate(chunks)

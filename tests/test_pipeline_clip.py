@@ -22,6 +22,8 @@ import pytest
 import torch
 import yaml
 
+from anomalib_uas.review import fo  # fiftyone, imported through the package's metadata shim
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +137,9 @@ def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(projec
     assert "| metauas | brick |" in report
     review = json.loads((root / "reports" / "review.json").read_text())
     assert review["uas-inctrl-brick"]["samples"] == len(saved["pred_score"])
+    dataset = fo.load_dataset("uas-inctrl-brick")
+    query = dataset.first().id
+    assert dataset.sort_by_similarity(query, k=2, brain_key="similarity").first().id == query
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("anomalib-uas").experiment_id
