@@ -42,6 +42,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -257,13 +259,8 @@ def _train_metauas(params: dict[str, Any], output: Path) -> dict[str, Any]:
     from anomalib_uas.models.metauas.training import train_metauas
 
     recipe = params["train"]["metauas"]
-    with tracking.stage_run("train", "metauas", params) as run:
-        start = time.perf_counter()
-        checkpoint = train_metauas(
-            output / "training", logger=tracking.engine_logger("train-metauas", run.info.run_id), **recipe
-        )
-        minutes = (time.perf_counter() - start) / 60.0
-        mlflow.log_metric("train_minutes", minutes)
+    with _training_run("metauas", params) as run:
+        checkpoint = train_metauas(output / "training", logger=run.pop("logger"), **recipe)
     shutil.copy(checkpoint, output / "metauas.pth")
     shutil.rmtree(output / "training")
     return {
@@ -273,13 +270,30 @@ def _train_metauas(params: dict[str, Any], output: Path) -> dict[str, Any]:
         "fusion": recipe["fusion"],
         "decoder_channels": list(recipe["decoder_channels"]),
         "image_size": recipe["image_size"],
-        "train_minutes": round(minutes, 2),
-        "mlflow_run_id": run.info.run_id,
+        **run,
         "description": (
             f"MetaUAS ({recipe['backbone']}, {recipe['fusion']} fusion) meta-trained offline on synthetic change "
-            f"pairs for {recipe['max_steps']} steps ({minutes:.1f} min)"
+            f"pairs for {recipe['max_steps']} steps ({run['train_minutes']:.1f} min)"
         ),
     }
+
+
+@contextmanager
+def _training_run(model: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A tracked, timed training run.
+
+    Yields ``logger`` (the Engine's MLflow logger, to pop) and ``mlflow_run_id``; on exit adds ``train_minutes``, which
+    is also logged as a metric.
+    """
+    with tracking.stage_run("train", model, params) as run:
+        record: dict[str, Any] = {
+            "logger": tracking.engine_logger(f"train-{model}", run.info.run_id),
+            "mlflow_run_id": run.info.run_id,
+        }
+        start = time.perf_counter()
+        yield record
+        record["train_minutes"] = round((time.perf_counter() - start) / 60.0, 2)
+        mlflow.log_metric("train_minutes", record["train_minutes"])
 
 
 def _models_config(model: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -462,20 +476,16 @@ def _train_clip_model(model: str, params: dict[str, Any], output: Path) -> dict[
         from anomalib_uas.models.faprompt import FAPrompt
 
         module = FAPrompt(clip_pretrained=None, image_size=int(config.get("image_size", 518)), **common)
-    with tracking.stage_run("train", model, params) as run:
-        start = time.perf_counter()
+    with _training_run(model, params) as run:
         engine = Engine(
             default_root_dir=output / "training",
-            logger=tracking.engine_logger(f"train-{model}", run.info.run_id),
+            logger=run.pop("logger"),
             accelerator="cpu",
             devices=1,
             max_steps=recipe["max_steps"],
             limit_val_batches=recipe.get("limit_val_batches", 1),
-            enable_progress_bar=False,
         )
         engine.fit(module, datamodule=datamodule)
-        minutes = (time.perf_counter() - start) / 60.0
-        mlflow.log_metric("train_minutes", minutes)
     shutil.rmtree(output / "training", ignore_errors=True)
     checkpoint = output / f"{model}.pth"
     if model == "inctrl":
@@ -490,11 +500,10 @@ def _train_clip_model(model: str, params: dict[str, Any], output: Path) -> dict[
         "checkpoint": str(checkpoint),
         "clip_model": config["clip_model"],
         "clip_weights": str(output / "clip.pt"),
-        "train_minutes": round(minutes, 2),
-        "mlflow_run_id": run.info.run_id,
+        **run,
         "description": (
             f"{model} ({config['clip_model']}) trained on the auxiliary categories {', '.join(recipe['categories'])} "
-            f"of {root} for {recipe['max_steps']} steps ({minutes:.1f} min)"
+            f"of {root} for {recipe['max_steps']} steps ({run['train_minutes']:.1f} min)"
         ),
     }
     if model == "faprompt":

@@ -296,25 +296,10 @@ class FAPrompt(AnomalibModule):
                 self.log(f"train_{name}", value, batch_size=size)
         return terms["loss"]
 
-    def _predict(self, batch: Batch) -> Batch:
-        return batch.update(**self.model(batch.image)._asdict())
-
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """Predict a validation batch in place (the post-processor collects its statistics from it).
 
-        Args:
-            batch: Input batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The batch with ``pred_score`` and ``anomaly_map``.
-        """
-        del args, kwargs
-        return self._predict(batch)
-
-    def test_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """Predict a test batch in place.
+        Test and predict steps are anomalib's, which run the same forward.
 
         Args:
             batch: Input batch.
@@ -325,21 +310,7 @@ class FAPrompt(AnomalibModule):
             The batch with ``pred_score`` and ``anomaly_map``.
         """
         del args, kwargs
-        return self._predict(batch)
-
-    def predict_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """Predict a batch in place.
-
-        Args:
-            batch: Input batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The batch with ``pred_score`` and ``anomaly_map``.
-        """
-        del args, kwargs
-        return self._predict(batch)
+        return batch.update(**self.model(batch.image)._asdict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen CLIP out of Lightning checkpoints: they hold the prompt learner only.

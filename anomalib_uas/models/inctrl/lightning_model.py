@@ -506,33 +506,8 @@ class InCTRL(AnomalibModule):
         del args, kwargs
         return self._predict(batch)
 
-    def test_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """Predict a test batch in place.
-
-        Args:
-            batch: Input batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The batch with ``pred_score`` and ``anomaly_map``.
-        """
-        del args, kwargs
-        return self._predict(batch)
-
-    def predict_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """Predict a batch in place.
-
-        Args:
-            batch: Input batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The batch with ``pred_score`` and ``anomaly_map``.
-        """
-        del args, kwargs
-        return self._predict(batch)
+    test_step = validation_step
+    predict_step = validation_step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen CLIP out of Lightning checkpoints and record the category of the text features.
