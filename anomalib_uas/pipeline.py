@@ -292,8 +292,9 @@ def _training_run(model: str, params: dict[str, Any]) -> Iterator[dict[str, Any]
         }
         start = time.perf_counter()
         yield record
-        record["train_minutes"] = round((time.perf_counter() - start) / 60.0, 2)
-        mlflow.log_metric("train_minutes", record["train_minutes"])
+        minutes = (time.perf_counter() - start) / 60.0
+        mlflow.log_metric("train_minutes", minutes)
+        record["train_minutes"] = round(minutes, 2)
 
 
 def _models_config(model: str, params: dict[str, Any]) -> dict[str, Any]:
