@@ -10,7 +10,8 @@
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
 * ``uas report``: ``reports/report.md`` and ``reports/report.html``;
 * ``uas review``: FiftyOne review datasets of every evaluation; ``uas review --launch DATASET`` serves the App;
-* ``uas serve CATEGORY``: serve the category's ``champion`` registered model over REST.
+* ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
+  model over REST, refusing oversized request bodies.
 
 Example:
     $ uas data && uas train metauas && uas evaluate metauas && uas report
@@ -23,6 +24,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from anomalib_uas.models.loading import MODEL_NAMES
+from anomalib_uas.server import DEFAULT_MAX_BODY_MB
 
 __all__ = ["build_parser", "main"]
 
@@ -43,50 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("data", help="Build the evaluation dataset (params: data) at data/dataset.")
     train = commands.add_parser("train", help="Train or fetch a model's checkpoint into checkpoints/MODEL.")
-    train.add_argument("model", choices=["metauas", "inctrl", "faprompt"])
+    train.add_argument("model", choices=MODEL_NAMES)
     evaluate = commands.add_parser("evaluate", help="Engine.test of a model on every category; metrics and maps.")
-    evaluate.add_argument("model", choices=["metauas", "inctrl", "faprompt"])
+    evaluate.add_argument("model", choices=MODEL_NAMES)
     commands.add_parser("report", help="Comparison table of all models (reports/report.md and report.html).")
     review = commands.add_parser("review", help="Build the FiftyOne review datasets; --launch serves the App.")
     review.add_argument("--launch", metavar="DATASET", help="Serve the App for this dataset (e.g. uas-metauas-brick).")
     review.add_argument("--view", default="false_positives", help="Saved view to open (%(default)s).")
     review.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
-    serve = commands.add_parser("serve", help="Serve a category's champion model over REST (mlflow models serve).")
+    serve = commands.add_parser("serve", help="Serve a category's champion model over REST (MLflow's scoring server).")
     serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
     serve.add_argument("--port", type=int, default=5055, help="Port (%(default)s).")
+    serve.add_argument("--model", choices=MODEL_NAMES, help="Serve this model's best version (alias champion-<model>).")
+    serve.add_argument(
+        "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, help="Larger request bodies get 413 (%(default)s)."
+    )
     return parser
 
 
 def _serve(args: argparse.Namespace) -> None:
     import os
-    import shutil
-    import subprocess
+
+    import mlflow
 
     from anomalib_uas import tracking
+    from anomalib_uas.server import serve
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
-    if mlflow_cli is None:
-        msg = "The mlflow command is not installed: pip install -e '.[pipeline]'."
-        raise FileNotFoundError(msg)
-    uri = f"models:/{tracking.registered_name(args.category)}@champion"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    alias = "champion" if args.model is None else f"champion-{args.model}"
+    uri = f"models:/{tracking.registered_name(args.category)}@{alias}"
     print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
-    command = [
-        mlflow_cli,
-        "models",
-        "serve",
-        "-m",
-        uri,
-        "--env-manager",
-        "local",
-        "-h",
-        args.host,
-        "-p",
-        str(args.port),
-    ]
-    subprocess.run(command, env=env, check=True)
+    serve(uri, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -124,9 +117,15 @@ def _run(args: argparse.Namespace) -> None:
                 f"{name}: {counts['samples']} samples, {counts['FP']} false positives, {counts['FN']} false negatives"
             )
     else:
+        import mlflow
+
+        from anomalib_uas import tracking
         from anomalib_uas.report import write_report
 
-        markdown, page = write_report(params["models"])
+        with tracking.stage_run("report", None, params):
+            markdown, page = write_report(params["models"])
+            mlflow.log_artifact(str(markdown), artifact_path="report")
+            mlflow.log_artifact(str(page), artifact_path="report")
         print(markdown.read_text())
         print(f"Report: {markdown} and {page}")
 

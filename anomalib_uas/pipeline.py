@@ -27,8 +27,7 @@ The CLIP models take their backbone from ``models_config.<model>.clip_model`` an
 ``<file>`` is the open_clip release file (``ViT-L-14-336px.pt``, ``vit_b_16_plus_240-laion400m_e32-699c4b84.pt``,
 downloaded when online) or ``<clip_model>.pt`` for configurations without one. A missing file makes the model
 skipped: the reason names each file, where to put it and the parameter or environment variable that points at it.
-InCTRL and FAPrompt are evaluated, tracked and reviewed like MetaUAS (similarity search on their CLIP image
-features) but not registered in MLflow: serving supports MetaUAS only.
+Every evaluated model is registered in MLflow per category (:func:`~anomalib_uas.tracking.register_model`).
 
 Example:
     >>> from anomalib_uas.pipeline import load_params, prepare_data
@@ -41,6 +40,7 @@ import csv
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +56,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from anomalib_uas import tracking
 from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.evaluation import METRICS, evaluate_model
+from anomalib_uas.models.loading import load_model
 from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
 from anomalib_uas.weights import WeightsNotFoundError, resolve_weights, weights_dir
 
@@ -526,57 +527,38 @@ _PREPARE = {
 }
 
 
-def _metauas_kwargs(status: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def model_kwargs(model: str, status: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of a model's class, besides its checkpoint files, as evaluated and as registered.
+
+    Args:
+        model: Model name.
+        status: The model's ``status.json`` (backbone, CLIP model, image size).
+        params: Pipeline parameters (the ``evaluate`` section: image size, k-shot, prompt strategy, seed).
+
+    Returns:
+        Keyword arguments for :func:`~anomalib_uas.models.loading.load_model`.
+    """
     evaluation = params["evaluate"]
-    return {
-        "image_size": evaluation["image_size"],
-        "backbone": status["backbone"],
-        "fusion": status["fusion"],
-        "decoder_channels": status["decoder_channels"],
-        "k_shot": evaluation["k_shot"],
-        "prompt_strategy": evaluation["prompt_strategy"],
-        "seed": evaluation["seed"],
-    }
-
-
-def _build_metauas(status: dict[str, Any], params: dict[str, Any]) -> Any:
-    from anomalib_uas.models import MetaUAS
-
-    return MetaUAS.from_official_checkpoint(status["checkpoint"], visualizer=False, **_metauas_kwargs(status, params))
-
-
-def _build_inctrl(status: dict[str, Any], params: dict[str, Any]) -> Any:
-    """InCTRL with k normal prompts drawn (seeded) from the category's normal training images."""
-    from anomalib_uas.models.inctrl import InCTRL
-
-    return InCTRL(
-        clip_model=status["clip_model"],
-        pretrained=None,  # CLIP comes from the checkpoint's tower or from clip_weights, never from a download
-        clip_weights=status["clip_weights"],
-        weights=status["checkpoint"],
-        k_shot=params["evaluate"]["k_shot"],
-        seed=params["evaluate"]["seed"],
-        visualizer=False,
-    )
-
-
-def _build_faprompt(status: dict[str, Any], params: dict[str, Any]) -> Any:
-    """FAPrompt zero-shot: no image of the category is used."""
-    from anomalib_uas.models.faprompt import FAPrompt
-
-    del params
-    return FAPrompt.from_official_checkpoint(
-        status["checkpoint"],
-        clip_weights=status["clip_weights"],
-        clip_model=status["clip_model"],
-        clip_pretrained=None,
-        image_size=status["image_size"],
-        visualizer=False,
-    )
+    if model == "metauas":
+        return {
+            "image_size": evaluation["image_size"],
+            "backbone": status["backbone"],
+            "fusion": status["fusion"],
+            "decoder_channels": status["decoder_channels"],
+            "k_shot": evaluation["k_shot"],
+            "prompt_strategy": evaluation["prompt_strategy"],
+            "seed": evaluation["seed"],
+        }
+    if model == "inctrl":  # k normal prompts drawn (seeded) from the category's normal training images
+        return {"clip_model": status["clip_model"], "k_shot": evaluation["k_shot"], "seed": evaluation["seed"]}
+    return {"clip_model": status["clip_model"], "image_size": status["image_size"]}  # zero-shot: no image used
 
 
 def build_model(model: str, status: dict[str, Any], params: dict[str, Any]) -> Any:
     """Build the anomalib model that :func:`prepare_weights` made ready.
+
+    CLIP weights come from the checkpoint's own tower or from ``status["clip_weights"]``; a weights stage that
+    found neither marked the model skipped, so nothing is downloaded here.
 
     Args:
         model: Model name.
@@ -586,8 +568,8 @@ def build_model(model: str, status: dict[str, Any], params: dict[str, Any]) -> A
     Returns:
         A fresh ``AnomalibModule`` without visualizer.
     """
-    builders = {"metauas": _build_metauas, "inctrl": _build_inctrl, "faprompt": _build_faprompt}
-    return builders[model](status, params)
+    kwargs = model_kwargs(model, status, params)
+    return load_model(model, status["checkpoint"], status.get("clip_weights"), visualizer=False, **kwargs)
 
 
 def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[str, Any]:
@@ -652,22 +634,36 @@ def evaluate(model: str, params: dict[str, Any], data: Path = DATA_DIR) -> dict[
             },
         )
         mlflow.log_artifacts(str(reports), artifact_path="reports")
-        if params["registry"]["register"] and model != "metauas":
-            # The pyfunc of anomalib_uas.serving serves MetaUAS only: the CLIP models are evaluated, not registered.
-            logger.info("%s is evaluated but not registered: serving supports MetaUAS only", model)
-        elif params["registry"]["register"]:
+        _log_figures(model)
+        if params["registry"]["register"]:
+            kwargs = model_kwargs(model, status, params)
             for row in rows:
-                config = {"model": model, "kwargs": _metauas_kwargs(status, params), **thresholds[row["category"]]}
+                category = row["category"]
                 tracking.register_model(
-                    model,
-                    row["category"],
-                    Path(status["checkpoint"]),
-                    [Path(p) for p in row["prompt_paths"]],
-                    config,
-                    per_category[row["category"]],
+                    tracking.ServableModel(
+                        model=model,
+                        category=category,
+                        checkpoint=Path(status["checkpoint"]),
+                        clip_weights=Path(status["clip_weights"]) if status.get("clip_weights") else None,
+                        prompt_paths=[Path(p) for p in row["prompt_paths"]],
+                        config={"model": model, "category": category, "kwargs": kwargs, **thresholds[category]},
+                        example_image=Path(str(saved[category]["image_path"][0])),
+                    ),
+                    per_category[category],
                     params["registry"]["champion_metric"],
                 )
     return metrics
+
+
+def _log_figures(model: str) -> None:
+    """Log the ROC plot and the sample overlays of maps on images to the active run."""
+    from anomalib_uas.report import figures
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, png in figures(model, REPORTS_DIR, PREDICTIONS_DIR).items():
+            (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(folder) / name).write_bytes(png)
+        mlflow.log_artifacts(folder)
 
 
 def _thresholds(saved: np.lib.npyio.NpzFile, max_pixels: int = 200_000) -> dict[str, float]:

@@ -31,7 +31,7 @@ import numpy as np
 from anomalib_uas.data.images import read_image
 from anomalib_uas.evaluation import METRICS
 
-__all__ = ["markdown_report", "write_report"]
+__all__ = ["figures", "markdown_report", "write_report"]
 
 COLUMNS = [*METRICS, "ms_per_image"]
 
@@ -111,8 +111,30 @@ def _overlays(model: str, predictions: Path, per_category: int = 2) -> list[tupl
             ):
                 axis.set_title(title, fontsize=7)
                 axis.axis("off")
-            samples.append((f"{path.parent.name}: {Path(str(saved['image_path'][index])).name}", _png(figure)))
+            image_path = Path(str(saved["image_path"][index]))
+            samples.append((f"{path.parent.name}: {image_path.parent.name}/{image_path.name}", _png(figure)))
     return samples
+
+
+def figures(model: str, reports: Path = Path("reports"), predictions: Path = Path("predictions")) -> dict[str, bytes]:
+    """The report's figures of one evaluated model as PNG files, to be logged as run artifacts.
+
+    Args:
+        model: An evaluated model.
+        reports: The reports folder.
+        predictions: The predictions folder.
+
+    Returns:
+        ``{"plots/roc.png": ..., "overlays/<category>-<defect>-<image>.png": ...}``: the image-level ROC per
+        category and the highest-scored defects of each category with their map and ground truth.
+    """
+    files = {"plots/roc.png": base64.b64decode(_roc_figure([model], reports))}
+    for caption, png in _overlays(model, predictions):
+        category, image = caption.split(": ", 1)
+        files[f"overlays/{category}-{Path(image).with_suffix('').as_posix().replace('/', '-')}.png"] = base64.b64decode(
+            png
+        )
+    return files
 
 
 def write_report(

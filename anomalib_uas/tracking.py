@@ -7,6 +7,10 @@ working directory (MLflow 3.x refuses the ``./mlruns`` file store). Artifacts go
 run is tagged with the git commit (MLflow does it), the DVC hashes of the dataset and the checkpoint it used, the
 DVC stage and the DVC experiment name.
 
+Registry: :func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving`)
+and registers it as a version of ``anomalib-uas-<category>``; :func:`update_champion` keeps the aliases
+``champion`` (best version over all models) and ``champion-<model>`` (each model's best) on a chosen metric.
+
 Example:
     >>> from anomalib_uas.tracking import stage_run
     >>> with stage_run("evaluate", model="metauas", params={"evaluate": {"k_shot": 1}}):  # doctest: +SKIP
@@ -22,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERIMENT",
+    "ServableModel",
     "configure",
     "dvc_tags",
     "engine_logger",
@@ -168,65 +174,92 @@ def registered_name(category: str) -> str:
     return f"anomalib-uas-{category}"
 
 
-def register_model(
-    model: str,
-    category: str,
-    checkpoint: Path,
-    prompt_paths: list[Path],
-    config: dict[str, Any],
-    metrics: dict[str, float],
-    champion_metric: str,
-) -> ModelVersion:
-    """Log a category's model as an MLflow pyfunc, register it and move the ``champion`` alias to the best version.
-
-    Must run inside an active run (see :func:`stage_run`).
+@dataclass(frozen=True)
+class ServableModel:
+    """What a registered version holds: everything the pyfunc of :mod:`anomalib_uas.serving` needs offline.
 
     Args:
-        model: Model name (``metauas``, ...).
+        model: Model name (``metauas``, ``inctrl``, ``faprompt``).
         category: Dataset category.
-        checkpoint: The model checkpoint.
-        prompt_paths: Normal prompt images of the category.
-        config: Model arguments and raw-score thresholds (see :mod:`anomalib_uas.serving`).
+        checkpoint: The model checkpoint (official format).
+        config: ``model``, ``category``, ``kwargs`` (model arguments) and the raw-score ``image_threshold`` and
+            ``pixel_threshold``.
+        example_image: An image of the category, stored as the signature's input example.
+        prompt_paths: Normal prompt images (MetaUAS, InCTRL).
+        clip_weights: CLIP weights file (InCTRL without a CLIP tower in its checkpoint, FAPrompt).
+    """
+
+    model: str
+    category: str
+    checkpoint: Path
+    config: dict[str, Any]
+    example_image: Path
+    prompt_paths: list[Path] = field(default_factory=list)
+    clip_weights: Path | None = None
+
+
+def register_model(servable: ServableModel, metrics: dict[str, float], champion_metric: str) -> ModelVersion:
+    """Log a category's model as an MLflow pyfunc, register it and update the champion aliases.
+
+    Must run inside an active run (see :func:`stage_run`). The version is self-contained: its checkpoint, CLIP
+    weights and prompt images are copied into the model's artifacts.
+
+    Args:
+        servable: The model and its files.
         metrics: The category's metrics.
-        champion_metric: Metric that chooses the champion (higher is better).
+        champion_metric: Metric that chooses the champions (higher is better).
 
     Returns:
         The new model version.
+
+    Raises:
+        ValueError: A prompted model without prompt images.
     """
+    from anomalib_uas.models.loading import PROMPTED_MODELS
     from anomalib_uas.serving import SIGNATURE, UASPyfuncModel
 
-    name = registered_name(category)
+    if servable.model in PROMPTED_MODELS and not servable.prompt_paths:
+        msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
+        raise ValueError(msg)
+    name = registered_name(servable.category)
     with tempfile.TemporaryDirectory() as folder:
         staging = Path(folder)
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        (staging / "prompts").mkdir()
-        for index, path in enumerate(prompt_paths):
-            shutil.copy(path, staging / "prompts" / f"{index:03d}{Path(path).suffix}")
-        example = pd.DataFrame({"image": [Path(prompt_paths[0]).read_bytes()]})
+        (staging / "config.json").write_text(json.dumps(servable.config, indent=2))
+        artifacts = {"checkpoint": str(servable.checkpoint), "config": str(staging / "config.json")}
+        if servable.prompt_paths:
+            (staging / "prompts").mkdir()
+            for index, path in enumerate(servable.prompt_paths):
+                shutil.copy(path, staging / "prompts" / f"{index:03d}{Path(path).suffix}")
+            artifacts["prompts"] = str(staging / "prompts")
+        if servable.clip_weights is not None:
+            artifacts["clip"] = str(servable.clip_weights)
         info = mlflow.pyfunc.log_model(
-            name=f"{model}-{category}",
+            name=f"{servable.model}-{servable.category}",
             python_model=UASPyfuncModel(),
-            artifacts={
-                "checkpoint": str(checkpoint),
-                "prompts": str(staging / "prompts"),
-                "config": str(staging / "config.json"),
-            },
+            artifacts=artifacts,
             code_paths=[str(Path(__file__).parent)],
             signature=SIGNATURE,
-            input_example=example,
-            pip_requirements=["anomalib>=2.7,<2.8", "torch==2.14.1", "torchvision==0.29.1", "timm", "pillow"],
+            input_example=pd.DataFrame({"image": [servable.example_image.read_bytes()]}),
+            pip_requirements=[
+                "anomalib>=2.7,<2.8",
+                "torch==2.14.1",
+                "torchvision==0.29.1",
+                "timm",
+                "open_clip_torch>=3,<4",
+                "pillow",
+            ],
             registered_model_name=name,
         )
     client = mlflow.MlflowClient()
     version = info.registered_model_version
-    client.set_model_version_tag(name, version, "uas.model", model)
+    client.set_model_version_tag(name, version, "uas.model", servable.model)
     client.set_model_version_tag(name, version, champion_metric, f"{metrics[champion_metric]:.6f}")
     update_champion(name, champion_metric)
     return client.get_model_version(name, version)
 
 
 def update_champion(name: str, metric: str) -> str:
-    """Point the ``champion`` alias at the version with the highest ``metric`` tag.
+    """Point ``champion`` at the version with the highest ``metric`` tag, and ``champion-<model>`` at each model's.
 
     Args:
         name: Registered-model name.
@@ -237,6 +270,14 @@ def update_champion(name: str, metric: str) -> str:
     """
     client = mlflow.MlflowClient()
     versions = [v for v in client.search_model_versions(f"name='{name}'") if metric in v.tags]
-    best = max(versions, key=lambda v: (float(v.tags[metric]), int(v.version)))
-    client.set_registered_model_alias(name, "champion", best.version)
-    return best.version
+
+    def best(candidates: list[ModelVersion]) -> str:
+        return max(candidates, key=lambda v: (float(v.tags[metric]), int(v.version))).version
+
+    champion = best(versions)
+    client.set_registered_model_alias(name, "champion", champion)
+    for model in sorted({v.tags["uas.model"] for v in versions if "uas.model" in v.tags}):
+        client.set_registered_model_alias(
+            name, f"champion-{model}", best([v for v in versions if v.tags.get("uas.model") == model])
+        )
+    return champion

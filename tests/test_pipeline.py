@@ -94,6 +94,15 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
     assert run.data.params["evaluate.k_shot"] == "1"
     assert run.data.tags["dvc.data.md5"]
     assert run.data.tags["mlflow.source.git.commit"]
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"reports", "plots", "overlays"} <= artifacts
+    overlays = [item.path for item in client.list_artifacts(run.info.run_id, "overlays")]
+    assert overlays
+    assert all(path.startswith("overlays/brick-") or path.startswith("overlays/grass-") for path in overlays)
+    assert [item.path for item in client.list_artifacts(run.info.run_id, "plots")] == ["plots/roc.png"]
+    report_run = client.search_runs([experiment], "tags.`uas.stage` = 'report'")[0]
+    names = {item.path for item in client.list_artifacts(report_run.info.run_id, "report")}
+    assert names == {"report/report.md", "report/report.html"}
 
 
 def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -147,7 +148,19 @@ def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(projec
     run = next(r for r in runs if r.data.tags.get("uas.model") == "inctrl")
     assert run.data.metrics["brick.image_AUROC"] == pytest.approx(row["image_AUROC"])
     versions = client.search_model_versions("name='anomalib-uas-brick'")
-    assert {v.tags["uas.model"] for v in versions} == {"metauas"}  # the CLIP models are not registered
+    assert {v.tags["uas.model"] for v in versions} == {"metauas", "inctrl"}
+    _assert_registered_model_reproduces_the_evaluation(root, "inctrl", saved)
+
+
+def _assert_registered_model_reproduces_the_evaluation(root: Path, model: str, saved: np.lib.npyio.NpzFile) -> None:
+    """The registered pyfunc (``champion-<model>``) gives the raw scores and maps the evaluation recorded."""
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/anomalib-uas-brick@champion-{model}")
+    paths = [str(root / path) for path in saved["image_path"][:2]]  # root / an absolute path = the path
+    result = pyfunc.predict(pd.DataFrame({"image_path": paths}), params={"map_format": "array"})
+    np.testing.assert_allclose(result["pred_score"], saved["pred_score"][:2], atol=1e-4)
+    for index, encoded in enumerate(result["anomaly_map"]):
+        np.testing.assert_allclose(np.array(json.loads(encoded)), saved["anomaly_map"][index], atol=2e-3)
 
 
 def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
@@ -170,6 +183,7 @@ def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
     assert "| faprompt | brick |" in report
     assert "skipped" not in report
     assert "faprompt" in _run(["dvc", "metrics", "show"], root, env)
+    _assert_registered_model_reproduces_the_evaluation(root, "faprompt", saved)
 
 
 @pytest.fixture
