@@ -15,7 +15,7 @@ Data flows one way through fixed paths, each stage reading only what the stage b
 Weights (``params.weights.<model>``), looked up offline first:
 
 * ``metauas``: ``train`` (offline meta-training, ``train.metauas``), ``metauas-256`` / ``metauas-512`` (official:
-  ``weights/<name>.ckpt``, the weights cache, or a sha256-checked download) or a local path;
+  ``weights/metauas/<name>.ckpt``, the weights cache, or a sha256-checked download) or a local path;
 * ``inctrl``: ``official`` = ``weights/inctrl/2/checkpoint.pyth`` (the authors' file, its CLIP tower included; for
   the k = 4 or 8 files give their path), a local path or URL, or ``train`` (``Engine.fit`` on the auxiliary
   categories of ``train.inctrl``);
@@ -238,7 +238,7 @@ def prepare_weights(model: str, params: dict[str, Any], checkpoints: Path = CHEC
 def _metauas_weights(source: str, params: dict[str, Any], output: Path) -> dict[str, Any]:
     if source == "train":
         return _train_metauas(params, output)
-    local = LOCAL_WEIGHTS_DIR / f"{source}.ckpt"
+    local = LOCAL_WEIGHTS_DIR / "metauas" / f"{source}.ckpt"
     try:
         path = resolve_weights(local if local.is_file() else source)
     except WeightsNotFoundError as exc:

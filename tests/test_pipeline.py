@@ -126,7 +126,7 @@ def test_missing_weights_are_skipped_with_the_fix(project: tuple[Path, dict[str,
     reason = json.loads((root / "reports" / "metauas" / "skipped.json").read_text())["reason"]
     assert "metauas-512.ckpt" in reason
     assert "UAS_WEIGHTS_DIR" in reason
-    assert "weights/metauas-512.ckpt" in reason
+    assert "weights/metauas/metauas-512.ckpt" in reason
     assert "**metauas** skipped" in (root / "reports" / "report.md").read_text()
 
 
