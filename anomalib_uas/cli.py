@@ -67,15 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import os
-
     import mlflow
 
     from anomalib_uas import tracking
     from anomalib_uas.server import serve
 
-    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(tracking.tracking_uri())  # resolves models:/<name>@<alias>
     alias = "champion" if args.model is None else f"champion-{args.model}"
     uri = f"models:/{tracking.registered_name(args.category)}@{alias}"
     print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")

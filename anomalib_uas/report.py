@@ -71,14 +71,18 @@ def markdown_report(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join([*lines, "", "## Models", "", *notes, ""])
 
 
-def _png(figure: plt.Figure) -> str:
+def _png(figure: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def _roc_figure(models: Sequence[str], reports: Path) -> str:
+def _img(png: bytes) -> str:
+    return f"<img src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+
+
+def _roc_figure(models: Sequence[str], reports: Path) -> bytes:
     figure, axis = plt.subplots(figsize=(5, 4))
     for model in models:
         with (reports / model / "roc.csv").open() as handle:
@@ -92,7 +96,8 @@ def _roc_figure(models: Sequence[str], reports: Path) -> str:
     return _png(figure)
 
 
-def _overlays(model: str, predictions: Path, per_category: int = 2) -> list[tuple[str, str]]:
+def _overlays(model: str, predictions: Path, per_category: int = 2) -> list[tuple[str, str, bytes]]:
+    """The highest-scored defects of each category: ``(category, "<defect>/<file>", png)``."""
     samples = []
     for path in sorted(predictions.glob(f"{model}/*/predictions.npz")):
         saved = np.load(path)
@@ -112,7 +117,7 @@ def _overlays(model: str, predictions: Path, per_category: int = 2) -> list[tupl
                 axis.set_title(title, fontsize=7)
                 axis.axis("off")
             image_path = Path(str(saved["image_path"][index]))
-            samples.append((f"{path.parent.name}: {image_path.parent.name}/{image_path.name}", _png(figure)))
+            samples.append((path.parent.name, f"{image_path.parent.name}/{image_path.name}", _png(figure)))
     return samples
 
 
@@ -128,12 +133,9 @@ def figures(model: str, reports: Path = Path("reports"), predictions: Path = Pat
         ``{"plots/roc.png": ..., "overlays/<category>-<defect>-<image>.png": ...}``: the image-level ROC per
         category and the highest-scored defects of each category with their map and ground truth.
     """
-    files = {"plots/roc.png": base64.b64decode(_roc_figure([model], reports))}
-    for caption, png in _overlays(model, predictions):
-        category, image = caption.split(": ", 1)
-        files[f"overlays/{category}-{Path(image).with_suffix('').as_posix().replace('/', '-')}.png"] = base64.b64decode(
-            png
-        )
+    files = {"plots/roc.png": _roc_figure([model], reports)}
+    for category, image, png in _overlays(model, predictions):
+        files[f"overlays/{category}-{image.removesuffix(Path(image).suffix).replace('/', '-')}.png"] = png
     return files
 
 
@@ -165,12 +167,12 @@ def write_report(
         _html_table(results),
     ]
     if evaluated:
-        parts.append(f"<h2>Image-level ROC</h2><img src='data:image/png;base64,{_roc_figure(evaluated, reports)}'>")
+        parts.append(f"<h2>Image-level ROC</h2>{_img(_roc_figure(evaluated, reports))}")
     for model in evaluated:
         parts.append(f"<h2>{html.escape(model)}: highest-scored defects</h2>")
-        for caption, png in _overlays(model, predictions):
-            image = f"<img src='data:image/png;base64,{png}'>"
-            parts.append(f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>")
+        for category, image, png in _overlays(model, predictions):
+            caption = html.escape(f"{category}: {image}")
+            parts.append(f"<figure>{_img(png)}<figcaption>{caption}</figcaption></figure>")
     parts.append("</body></html>")
     html_path = reports / "report.html"
     html_path.write_text("\n".join(parts))

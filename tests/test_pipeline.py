@@ -5,56 +5,35 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pytest
 import yaml
+from pipeline_repo import make_repo, run_command, stages_run
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def _stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+def _tiny(params: dict[str, Any]) -> None:
+    params["data"].update(categories=["brick", "grass"], image_size=64)
+    params["evaluate"].update(image_size=64)
+    params["train"]["metauas"].update(image_size=64, max_steps=3, batch_size=2, num_pairs=8)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("pipelines", "weights", "anomalib_uas"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"].update(categories=["brick", "grass"], image_size=64)
-    params["evaluate"].update(image_size=64)
-    params["train"]["metauas"].update(image_size=64, max_steps=3, batch_size=2, num_pairs=8)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "UAS_OFFLINE": "1", "UAS_WEIGHTS_DIR": str(root / "empty-cache"), "DVC_NO_ANALYTICS": "1"}
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root, env)
-    return root, env
+    return root, make_repo(root, _tiny)
 
 
 def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
-    output = _run(["dvc", "repro"], root, env)
-    assert {"data", "weights@metauas", "evaluate@metauas", "report", "review"} <= _stages_run(output)
+    output = run_command(["dvc", "repro"], root, env)
+    assert {"data", "weights@metauas", "evaluate@metauas", "report", "review"} <= stages_run(output)
     metrics = json.loads((root / "reports" / "metauas" / "metrics.json").read_text())
     assert metrics["skipped"] == 0
     assert set(metrics["categories"]) == {"brick", "grass"}
@@ -73,7 +52,7 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
     assert "data:image/png;base64," in page
     assert "<script" not in page
     assert "http" not in page.split("<body>")[1].split("weights:")[0]
-    assert "metauas" in _run(["dvc", "metrics", "show"], root, env)
+    assert "metauas" in run_command(["dvc", "metrics", "show"], root, env)
     review = json.loads((root / "reports" / "review.json").read_text())
     assert review["uas-metauas-brick"]["samples"] == len(saved["pred_score"])
 
@@ -107,11 +86,11 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
 
 def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
-    assert _stages_run(_run(["dvc", "repro"], root, env)) == set()
+    assert stages_run(run_command(["dvc", "repro"], root, env)) == set()
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["k_shot"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = _stages_run(_run(["dvc", "repro"], root, env))
+    ran = stages_run(run_command(["dvc", "repro"], root, env))
     assert "evaluate@metauas" in ran
     assert "report" in ran
     assert not {"data", "weights@metauas"} & ran
@@ -122,7 +101,7 @@ def test_missing_weights_are_skipped_with_the_fix(project: tuple[Path, dict[str,
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["weights"]["metauas"] = "metauas-512"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["dvc", "repro"], root, env)
+    run_command(["dvc", "repro"], root, env)
     reason = json.loads((root / "reports" / "metauas" / "skipped.json").read_text())["reason"]
     assert "metauas-512.ckpt" in reason
     assert "UAS_WEIGHTS_DIR" in reason
@@ -132,16 +111,16 @@ def test_missing_weights_are_skipped_with_the_fix(project: tuple[Path, dict[str,
 
 def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     root, env = project
-    _run(["dvc", "repro"], root, env)
+    run_command(["dvc", "repro"], root, env)
     remote = tmp_path / "store"
-    _run(["dvc", "remote", "add", "-d", "-f", "local", str(remote)], root, env)
-    _run(["dvc", "push"], root, env)
+    run_command(["dvc", "remote", "add", "-d", "-f", "local", str(remote)], root, env)
+    run_command(["dvc", "push"], root, env)
     assert any((remote / "files" / "md5").rglob("*"))
     shutil.rmtree(root / "data" / "dataset")
-    _run(["dvc", "pull"], root, env)
+    run_command(["dvc", "pull"], root, env)
     assert sorted(p.name for p in (root / "data" / "dataset").iterdir()) == ["brick", "demo_manifest.json", "grass"]
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], root, env)
-    _run(["dvc", "exp", "run", "-S", "evaluate.seed=1", "-n", "seed1"], root, env)
-    experiments = _run(["dvc", "exp", "show", "--json"], root, env)
+    run_command(["git", "add", "-A"], root, env)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], root, env)
+    run_command(["dvc", "exp", "run", "-S", "evaluate.seed=1", "-n", "seed1"], root, env)
+    experiments = run_command(["dvc", "exp", "show", "--json"], root, env)
     assert "seed1" in experiments

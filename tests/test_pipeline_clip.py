@@ -9,10 +9,7 @@ stage run for real without any download.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +19,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from pipeline_repo import REPO, make_repo, run_command, stages_run
 
 from anomalib_uas.review import fo  # fiftyone, imported through the package's metadata shim
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_B = "uas-tiny-ViT-B-16-plus-240"
 TINY_L = "uas-tiny-ViT-L-14-336"
 FAPROMPT_SIZE = 112
-
-
-def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def _stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def _write_official_files(weights: Path) -> dict[str, Path]:
@@ -84,22 +71,11 @@ def official_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, official_files: dict[str, Path]) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("pipelines", "weights", "anomalib_uas"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for key in ("inctrl", "faprompt_clip"):  # the FAPrompt checkpoint arrives later
-        target = root / "weights" / official_files[key].relative_to(official_files["inctrl"].parents[2])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(official_files[key], target)
-    params = _tiny_params(yaml.safe_load((root / "params.yaml").read_text()))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "UAS_OFFLINE": "1", "UAS_WEIGHTS_DIR": str(root / "empty-cache"), "DVC_NO_ANALYTICS": "1"}
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root, env)
-    return root, env
+    weights = official_files["inctrl"].parents[2]
+    arrived = {
+        str(official_files[key].relative_to(weights)): official_files[key] for key in ("inctrl", "faprompt_clip")
+    }
+    return root, make_repo(root, _tiny_params, weights=arrived)  # the FAPrompt checkpoint arrives later
 
 
 def _metrics(root: Path, model: str) -> dict[str, Any]:
@@ -109,8 +85,8 @@ def _metrics(root: Path, model: str) -> dict[str, Any]:
 def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
     assert (root / "weights" / "inctrl" / "2" / "checkpoint.pyth").is_file()
-    output = _run(["dvc", "repro"], root, env)
-    assert {"weights@inctrl", "evaluate@inctrl", "weights@faprompt", "evaluate@faprompt", "review"} <= _stages_run(
+    output = run_command(["dvc", "repro"], root, env)
+    assert {"weights@inctrl", "evaluate@inctrl", "weights@faprompt", "evaluate@faprompt", "review"} <= stages_run(
         output
     )
     metrics = _metrics(root, "inctrl")
@@ -168,7 +144,9 @@ def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
 ) -> None:
     root, env = project
     shutil.copy(official_files["faprompt"], root / "weights" / "faprompt" / "epoch_15.pth")
-    ran = _stages_run(_run(["dvc", "repro"], root, env))  # weights/faprompt is a dependency of FAPrompt's branch only
+    ran = stages_run(
+        run_command(["dvc", "repro"], root, env)
+    )  # weights/faprompt is a dependency of FAPrompt's branch only
     assert ran == {"weights@faprompt", "evaluate@faprompt", "report", "review"}
     metrics = _metrics(root, "faprompt")
     assert metrics["skipped"] == 0
@@ -179,7 +157,7 @@ def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
     report = (root / "reports" / "report.md").read_text()
     assert "| faprompt | brick |" in report
     assert "skipped" not in report
-    assert "faprompt" in _run(["dvc", "metrics", "show"], root, env)
+    assert "faprompt" in run_command(["dvc", "metrics", "show"], root, env)
     _assert_registered_model_reproduces_the_evaluation(root, "faprompt", saved)
 
 

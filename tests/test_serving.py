@@ -108,7 +108,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_cat
         with tracking.stage_run("evaluate", model, {"evaluate": {"k_shot": 1}}):
             versions[model] = tracking.register_model(servable, {"pixel_AUPRO": CHAMPION_METRIC[model]}, "pixel_AUPRO")
     os.chdir(cwd)
-    yield {"uri": uri, "root": root, "files": files, "prompts": prompts, "versions": versions, "normal": normal}
+    yield {
+        "uri": uri,
+        "category": demo_category,
+        "files": files,
+        "prompts": prompts,
+        "versions": versions,
+        "normal": normal,
+    }
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -137,8 +144,7 @@ def _queries(demo_root: Path, category: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(registry: dict, demo_category: str) -> Any:
-    registry["category"] = demo_category
+def reference(registry: dict) -> Any:
     return lambda model, query, prompts=None: _reference(registry, model, query, prompts)
 
 
