@@ -1,11 +1,12 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""The ``uas`` command line: the stages of the inspection pipeline, one subcommand each.
+"""The ``uas`` command line: the stages of the inspection pipeline, the review App and the REST server.
 
-``dvc repro`` runs them in order through ``pipelines/``; each reads ``params.yaml`` and writes fixed paths:
+``dvc repro`` runs the stages through ``pipelines/`` with the paths of ``dvc.yaml``; ``uas`` runs the same stage
+modules (:mod:`anomalib_uas.stages`) with the default paths:
 
 * ``uas data``: build the evaluation dataset at ``data/dataset`` (``demo``, ``mvtec``, ``visa`` or ``folder``);
-* ``uas train MODEL``: train or fetch the model's checkpoint into ``checkpoints/MODEL`` (or record why it is
+* ``uas weights MODEL``: train or fetch the model's checkpoint into ``checkpoints/MODEL`` (or record why it is
   skipped);
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
 * ``uas report``: ``reports/report.md`` and ``reports/report.html``;
@@ -13,48 +14,47 @@
 * ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
   model over REST, refusing oversized request bodies.
 
+Each stage takes ``--help`` for its own options. Bad input exits with code 2 and one line that says what to fix.
+
 Example:
-    $ uas data && uas train metauas && uas evaluate metauas && uas report
+    $ uas data && uas weights metauas && uas evaluate metauas && uas report
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from anomalib_uas.models.loading import MODEL_NAMES
+from anomalib_uas.params import MODEL_NAMES
 from anomalib_uas.server import DEFAULT_MAX_BODY_MB
 
 __all__ = ["build_parser", "main"]
+
+STAGES = {
+    "data": "Build the evaluation dataset (params: data) at data/dataset.",
+    "weights": "Train or fetch a model's checkpoint into checkpoints/MODEL.",
+    "evaluate": "Engine.test of a model on every category; metrics, curves and predictions.",
+    "report": "Comparison table of all models (reports/report.md and report.html).",
+    "review": "Build the FiftyOne review datasets (--launch DATASET serves the App).",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``uas``.
 
     Returns:
-        The parser.
+        The parser; a stage's own arguments are parsed by the stage.
     """
     parser = argparse.ArgumentParser(
         prog="uas",
         description="Universal anomaly segmentation with anomalib: the stages of the inspection pipeline.",
-        epilog="Run `dvc repro` to run all stages with caching; each stage reads params.yaml.",
+        epilog="Run `dvc repro` to run all stages with caching; `uas STAGE --help` lists a stage's options.",
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="Parameters file (%(default)s).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress messages.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("data", help="Build the evaluation dataset (params: data) at data/dataset.")
-    train = commands.add_parser("train", help="Train or fetch a model's checkpoint into checkpoints/MODEL.")
-    train.add_argument("model", choices=MODEL_NAMES)
-    evaluate = commands.add_parser("evaluate", help="Engine.test of a model on every category; metrics and maps.")
-    evaluate.add_argument("model", choices=MODEL_NAMES)
-    commands.add_parser("report", help="Comparison table of all models (reports/report.md and report.html).")
-    review = commands.add_parser("review", help="Build the FiftyOne review datasets; --launch serves the App.")
-    review.add_argument("--launch", metavar="DATASET", help="Serve the App for this dataset (e.g. uas-metauas-brick).")
-    review.add_argument("--view", default="false_positives", help="Saved view to open (%(default)s).")
-    review.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
+    for name, text in STAGES.items():
+        commands.add_parser(name, help=text)  # dispatched to the stage module before parsing (see main)
     serve = commands.add_parser("serve", help="Serve a category's champion model over REST (MLflow's scoring server).")
     serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
@@ -66,65 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace) -> int:
     import mlflow
 
-    from anomalib_uas import tracking
+    from anomalib_uas import registry, tracking
     from anomalib_uas.server import serve
 
     mlflow.set_tracking_uri(tracking.tracking_uri())  # resolves models:/<name>@<alias>
     alias = "champion" if args.model is None else f"champion-{args.model}"
-    uri = f"models:/{tracking.registered_name(args.category)}@{alias}"
+    uri = f"models:/{registry.registered_name(args.category)}@{alias}"
     print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
     serve(uri, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
+    return 0
 
 
-def _run(args: argparse.Namespace) -> None:
-    from anomalib_uas import pipeline
-    from anomalib_uas.evaluation import format_table
+def _launch(argv: Sequence[str]) -> int:
+    from anomalib_uas.review import launch_review
 
-    if args.command == "serve":
-        _serve(args)
-        return
-    if args.command == "review" and args.launch:
-        from anomalib_uas.review import launch_review
-
-        session = launch_review(args.launch, port=args.port, view=args.view)
-        print(f"FiftyOne App: http://127.0.0.1:{args.port} (dataset {args.launch}, view {args.view}); Ctrl-C stops it")
-        session.wait()
-        return
-    params = pipeline.load_params(args.params)
-    if args.command == "data":
-        print(f"Dataset ready at {pipeline.prepare_data(params)}")
-    elif args.command == "train":
-        status = pipeline.prepare_weights(args.model, params)
-        detail = status.get("description") or status.get("reason")
-        print(f"{args.model}: {status['status']}: {detail}")
-    elif args.command == "evaluate":
-        metrics = pipeline.evaluate(args.model, params)
-        if metrics["skipped"]:
-            print(f"{args.model}: skipped ({pipeline.read_status(args.model)['reason']})")
-        else:
-            rows = [{"category": name, **row} for name, row in metrics["categories"].items()]
-            print(format_table(rows))
-            print(f"Weights: {pipeline.read_status(args.model)['description']}")
-    elif args.command == "review":
-        for name, counts in pipeline.review(params).items():
-            print(
-                f"{name}: {counts['samples']} samples, {counts['FP']} false positives, {counts['FN']} false negatives"
-            )
-    else:
-        import mlflow
-
-        from anomalib_uas import tracking
-        from anomalib_uas.report import write_report
-
-        with tracking.stage_run("report", None, params):
-            markdown, page = write_report(params["models"])
-            mlflow.log_artifact(str(markdown), artifact_path="report")
-            mlflow.log_artifact(str(page), artifact_path="report")
-        print(markdown.read_text())
-        print(f"Report: {markdown} and {page}")
+    parser = argparse.ArgumentParser(prog="uas review --launch", description="Serve the FiftyOne App.")
+    parser.add_argument("--launch", metavar="DATASET", required=True, help="Dataset, e.g. uas-metauas-brick.")
+    parser.add_argument("--view", default="false_positives", help="Saved view to open (%(default)s).")
+    parser.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
+    args = parser.parse_args(argv)
+    session = launch_review(args.launch, port=args.port, view=args.view)
+    print(f"FiftyOne App: http://127.0.0.1:{args.port} (dataset {args.launch}, view {args.view}); Ctrl-C stops it")
+    session.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,18 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments; ``sys.argv[1:]`` by default.
 
     Returns:
-        The exit code: 0 on success, 2 for bad input or an unusable weights file (the message says what to fix).
+        The exit code: 0 on success, 2 for bad input (the message says what to fix).
     """
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from anomalib_uas.weights import WeightsError
-
-    try:
-        _run(args)
-    except (ValueError, FileNotFoundError, KeyError, WeightsError) as exc:
-        print(f"uas {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        command, rest = argv[0], argv[1:]
+        if command == "review" and any(a == "--launch" or a.startswith("--launch=") for a in rest):
+            return _launch(rest)
+        return importlib.import_module(f"anomalib_uas.stages.{command}").cli(rest)
+    return _serve(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

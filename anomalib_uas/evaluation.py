@@ -31,6 +31,8 @@ from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from anomalib_uas.params import METRICS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -39,16 +41,6 @@ __all__ = [
     "evaluate_model",
     "format_table",
 ]
-
-METRICS = (
-    "image_AUROC",
-    "image_AUPR",
-    "image_F1Max",
-    "pixel_AUROC",
-    "pixel_AUPR",
-    "pixel_F1Max",
-    "pixel_AUPRO",
-)
 
 
 class PredictionRecorder(Callback):

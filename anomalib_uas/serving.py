@@ -51,7 +51,8 @@ from mlflow.types.schema import Array
 from PIL import Image
 
 from anomalib_uas.data.images import decode_image, list_images, read_image
-from anomalib_uas.models.loading import PROMPTED_MODELS, load_model
+from anomalib_uas.models import get_spec
+from anomalib_uas.models.loading import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
                 **self.config["kwargs"],
             )
             self.transform = self.module.pre_processor.transform
-            if self.name in PROMPTED_MODELS:
+            if get_spec(self.name).takes_prompts:
                 prompts = torch.stack([self.transform(read_image(p)) for p in list_images(artifacts["prompts"])])
                 if self.name == "metauas":
                     self.module.model.set_prompt_bank(prompts)
@@ -165,7 +166,7 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
         prompts = row.get("prompt_images")
         if not _present(prompts):
             return None
-        if self.name not in PROMPTED_MODELS:
+        if not get_spec(self.name).takes_prompts:
             msg = f"This version serves {self.name}, which is zero-shot: drop the prompt_images column."
             raise _invalid(msg)
         if isinstance(prompts, bytes | str) or not 1 <= len(prompts) <= MAX_PROMPTS:

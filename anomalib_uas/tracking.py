@@ -7,9 +7,7 @@ working directory (MLflow 3.x refuses the ``./mlruns`` file store). Artifacts go
 run is tagged with the git commit (MLflow does it), the DVC hashes of the dataset and the checkpoint it used, the
 DVC stage and the DVC experiment name.
 
-Registry: :func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving`)
-and registers it as a version of ``anomalib-uas-<category>``; :func:`update_champion` keeps the aliases
-``champion`` (best version over all models) and ``champion-<model>`` (each model's best) on a chosen metric.
+The registry of evaluated models is :mod:`anomalib_uas.registry`.
 
 Example:
     >>> from anomalib_uas.tracking import stage_run
@@ -19,37 +17,29 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import yaml
 from anomalib.loggers import AnomalibMLFlowLogger
-from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERIMENT",
-    "ServableModel",
     "configure",
     "dvc_tags",
     "engine_logger",
     "flatten",
-    "register_model",
-    "registered_name",
     "stage_run",
     "tracking_uri",
-    "update_champion",
+    "training_run",
 ]
 
 EXPERIMENT = "anomalib-uas"
@@ -162,122 +152,23 @@ def engine_logger(run_name: str, parent_run_id: str | None = None) -> AnomalibML
     return AnomalibMLFlowLogger(experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=tracking_uri(), tags=tags)
 
 
-def registered_name(category: str) -> str:
-    """Registered-model name of a category; its versions are the evaluated models.
+@contextmanager
+def training_run(model: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A tracked, timed training run of a model's weights stage.
 
     Args:
-        category: Dataset category.
+        model: Model name.
+        params: Pipeline parameters; logged flattened.
 
-    Returns:
-        ``"anomalib-uas-<category>"``.
+    Yields:
+        A record with ``logger`` (the Engine's MLflow logger) and ``mlflow_run_id``; on exit it gains
+        ``train_minutes``, which is also logged as a metric.
     """
-    return f"anomalib-uas-{category}"
-
-
-@dataclass(frozen=True)
-class ServableModel:
-    """What a registered version holds: everything the pyfunc of :mod:`anomalib_uas.serving` needs offline.
-
-    Args:
-        model: Model name (``metauas``, ``inctrl``, ``faprompt``).
-        category: Dataset category.
-        checkpoint: The model checkpoint (official format).
-        config: ``model``, ``category``, ``kwargs`` (model arguments) and the raw-score ``image_threshold`` and
-            ``pixel_threshold``.
-        example_image: An image of the category, stored as the signature's input example.
-        prompt_paths: Normal prompt images (MetaUAS, InCTRL).
-        clip_weights: CLIP weights file (InCTRL without a CLIP tower in its checkpoint, FAPrompt).
-    """
-
-    model: str
-    category: str
-    checkpoint: Path
-    config: dict[str, Any]
-    example_image: Path
-    prompt_paths: list[Path] = field(default_factory=list)
-    clip_weights: Path | None = None
-
-
-def register_model(servable: ServableModel, metrics: dict[str, float], champion_metric: str) -> ModelVersion:
-    """Log a category's model as an MLflow pyfunc, register it and update the champion aliases.
-
-    Must run inside an active run (see :func:`stage_run`). The version is self-contained: its checkpoint, CLIP
-    weights and prompt images are copied into the model's artifacts.
-
-    Args:
-        servable: The model and its files.
-        metrics: The category's metrics.
-        champion_metric: Metric that chooses the champions (higher is better).
-
-    Returns:
-        The new model version.
-
-    Raises:
-        ValueError: A prompted model without prompt images.
-    """
-    from anomalib_uas.models.loading import PROMPTED_MODELS
-    from anomalib_uas.serving import SIGNATURE, UASPyfuncModel
-
-    if servable.model in PROMPTED_MODELS and not servable.prompt_paths:
-        msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
-        raise ValueError(msg)
-    name = registered_name(servable.category)
-    with tempfile.TemporaryDirectory() as folder:
-        staging = Path(folder)
-        (staging / "config.json").write_text(json.dumps(servable.config, indent=2))
-        artifacts = {"checkpoint": str(servable.checkpoint), "config": str(staging / "config.json")}
-        if servable.prompt_paths:
-            (staging / "prompts").mkdir()
-            for index, path in enumerate(servable.prompt_paths):
-                shutil.copy(path, staging / "prompts" / f"{index:03d}{Path(path).suffix}")
-            artifacts["prompts"] = str(staging / "prompts")
-        if servable.clip_weights is not None:
-            artifacts["clip"] = str(servable.clip_weights)
-        info = mlflow.pyfunc.log_model(
-            name=f"{servable.model}-{servable.category}",
-            python_model=UASPyfuncModel(),
-            artifacts=artifacts,
-            code_paths=[str(Path(__file__).parent)],
-            signature=SIGNATURE,
-            input_example=pd.DataFrame({"image": [servable.example_image.read_bytes()]}),
-            pip_requirements=[
-                "anomalib>=2.7,<2.8",
-                "torch==2.14.1",
-                "torchvision==0.29.1",
-                "timm",
-                "open_clip_torch>=3,<4",
-                "pillow",
-            ],
-            registered_model_name=name,
-        )
-    client = mlflow.MlflowClient()
-    version = info.registered_model_version
-    client.set_model_version_tag(name, version, "uas.model", servable.model)
-    client.set_model_version_tag(name, version, champion_metric, f"{metrics[champion_metric]:.6f}")
-    update_champion(name, champion_metric)
-    return client.get_model_version(name, version)
-
-
-def update_champion(name: str, metric: str) -> str:
-    """Point ``champion`` at the version with the highest ``metric`` tag, and ``champion-<model>`` at each model's.
-
-    Args:
-        name: Registered-model name.
-        metric: Tag holding the metric value.
-
-    Returns:
-        The champion version.
-    """
-    client = mlflow.MlflowClient()
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if metric in v.tags]
-
-    def best(candidates: list[ModelVersion]) -> str:
-        return max(candidates, key=lambda v: (float(v.tags[metric]), int(v.version))).version
-
-    champion = best(versions)
-    client.set_registered_model_alias(name, "champion", champion)
-    for model in sorted({v.tags["uas.model"] for v in versions if "uas.model" in v.tags}):
-        client.set_registered_model_alias(
-            name, f"champion-{model}", best([v for v in versions if v.tags.get("uas.model") == model])
-        )
-    return champion
+    with stage_run("train", model, params) as run:
+        record: dict[str, Any] = {"logger": engine_logger(f"train-{model}", run.info.run_id)}
+        record["mlflow_run_id"] = run.info.run_id
+        start = time.perf_counter()
+        yield record
+        minutes = (time.perf_counter() - start) / 60.0
+        mlflow.log_metric("train_minutes", minutes)
+        record["train_minutes"] = round(minutes, 2)

@@ -41,6 +41,7 @@ __all__ = [
     "WeightsNotFoundError",
     "WeightsSource",
     "efficientnet_lite_state_dict",
+    "is_offline",
     "load_state_dict",
     "resolve_weights",
     "sha256sum",
@@ -165,8 +166,17 @@ def _verify(path: Path, sha256: str | None) -> Path:
     return path
 
 
+def is_offline() -> bool:
+    """Whether downloads are forbidden (``UAS_OFFLINE`` set to 1, true or yes).
+
+    Returns:
+        ``True`` when nothing may be downloaded.
+    """
+    return os.environ.get("UAS_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
 def _download(url: str, target: Path, sha256: str | None) -> Path:
-    if os.environ.get("UAS_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    if is_offline():
         msg = f"UAS_OFFLINE is set, so {url} is not downloaded"
         raise urllib.error.URLError(msg)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ the offline source images, timing the wall clock, then scores the offline evalua
 ``params.yaml``: disjoint from the training sources) with three one-shot models that see the same single normal
 prompt per category (the seeded random protocol of the paper):
 
-* **trained**: the recipe's checkpoint, loaded with ``MetaUAS.from_official_checkpoint``;
+* **trained**: the recipe's checkpoint, loaded with ``MetaUAS.from_checkpoint``;
 * **untrained**: the same architecture and ImageNet encoder with the decoder at its seeded initialisation;
 * **feature distance**: :class:`~anomalib_uas.models.metauas.baseline.PromptDistanceModel`, the distance of each query
   patch to its nearest prompt patch in the same encoder's features.

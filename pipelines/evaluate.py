@@ -1,10 +1,10 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""DVC stage ``evaluate@<model>``: ``Engine.test`` on every category; metrics, curves and predictions."""
+"""DVC stage ``evaluate@<model>``: test a model on every category (see :mod:`anomalib_uas.stages.evaluate`)."""
 
 import sys
 
-from anomalib_uas.cli import main
+from anomalib_uas.stages.evaluate import cli
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", sys.argv[1]]))
+    sys.exit(cli())

@@ -1,10 +1,10 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""DVC stage ``report``: the comparison table of models x categories x metrics, Markdown and offline HTML."""
+"""DVC stage ``report``: the comparison report (see :mod:`anomalib_uas.stages.report`)."""
 
 import sys
 
-from anomalib_uas.cli import main
+from anomalib_uas.stages.report import cli
 
 if __name__ == "__main__":
-    sys.exit(main(["report"]))
+    sys.exit(cli())

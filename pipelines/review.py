@@ -1,10 +1,10 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""DVC stage ``review``: FiftyOne review datasets (FP / FN / worst-mask views) of every evaluation."""
+"""DVC stage ``review``: the FiftyOne review datasets (see :mod:`anomalib_uas.stages.review`)."""
 
 import sys
 
-from anomalib_uas.cli import main
+from anomalib_uas.stages.review import cli
 
 if __name__ == "__main__":
-    sys.exit(main(["review"]))
+    sys.exit(cli())

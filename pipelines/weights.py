@@ -1,10 +1,10 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""DVC stage ``weights@<model>``: train or fetch the model's checkpoint into ``checkpoints/<model>``."""
+"""DVC stage ``weights@<model>``: train or fetch a model's checkpoint (see :mod:`anomalib_uas.stages.weights`)."""
 
 import sys
 
-from anomalib_uas.cli import main
+from anomalib_uas.stages.weights import cli
 
 if __name__ == "__main__":
-    sys.exit(main(["train", sys.argv[1]]))
+    sys.exit(cli())

@@ -15,13 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anomalib_uas.models import get_spec
+
 if TYPE_CHECKING:
     from anomalib.models.components import AnomalibModule
 
-__all__ = ["MODEL_NAMES", "PROMPTED_MODELS", "load_model"]
-
-MODEL_NAMES = ("metauas", "inctrl", "faprompt")
-PROMPTED_MODELS = ("metauas", "inctrl")  # the models that take normal prompt images (FAPrompt is zero-shot)
+__all__ = ["load_model"]
 
 
 def load_model(
@@ -30,7 +29,7 @@ def load_model(
     clip_weights: str | Path | None = None,
     **kwargs: Any,
 ) -> AnomalibModule:
-    """Build a model from its official-format checkpoint.
+    """Build a model from its official-format checkpoint, in eval mode.
 
     Args:
         name: ``"metauas"``, ``"inctrl"`` or ``"faprompt"``.
@@ -44,20 +43,12 @@ def load_model(
         The model in eval mode.
 
     Raises:
-        ValueError: For an unknown model name, or CLIP weights given to MetaUAS.
+        ValueError: For an unknown model name, or CLIP weights given to a model without a CLIP backbone.
     """
-    from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
-
-    if name == "metauas":
-        if clip_weights is not None:
-            msg = "MetaUAS has no CLIP backbone; clip_weights must be None."
+    spec = get_spec(name)
+    if clip_weights is not None:
+        if not spec.uses_clip:
+            msg = f"{name} has no CLIP backbone: clip_weights must be None."
             raise ValueError(msg)
-        module = MetaUAS.from_official_checkpoint(checkpoint, **kwargs)
-    elif name == "inctrl":
-        module = InCTRL.from_official_checkpoint(checkpoint, clip_weights=clip_weights, **kwargs)
-    elif name == "faprompt":
-        module = FAPrompt.from_official_checkpoint(checkpoint, clip_weights=clip_weights, **kwargs)
-    else:
-        msg = f"Unknown model {name!r}; anomalib-uas has {MODEL_NAMES}."
-        raise ValueError(msg)
-    return module.eval()
+        kwargs["clip_weights"] = clip_weights
+    return spec.module_class.from_official_checkpoint(checkpoint, **kwargs).eval()

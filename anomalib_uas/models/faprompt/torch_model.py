@@ -266,6 +266,18 @@ class FAPromptModel(nn.Module):
         return self
 
     @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Global image embeddings: the CLIP image feature, for similarity search over images.
+
+        Args:
+            images: CLIP-normalised images ``[B, 3, S, S]`` with S = ``image_size``.
+
+        Returns:
+            ``[B, E]`` embeddings (unnormalised).
+        """
+        return self.encode_image(images)[0]
+
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the vision transformer with the dual (original and V-V) path in the last blocks.
 

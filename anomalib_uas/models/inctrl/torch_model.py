@@ -265,6 +265,18 @@ class InCTRLModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
 
     @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Global image embeddings: the CLIP image token, for similarity search over images.
+
+        Args:
+            images: Normalised images ``[N, 3, H, W]`` at the CLIP input size.
+
+        Returns:
+            ``[N, D]`` embeddings (unnormalised).
+        """
+        return self.encode_images(images)[0]
+
+    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode images with the frozen CLIP vision tower.
 

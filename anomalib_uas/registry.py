@@ -1,0 +1,177 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The MLflow model registry of evaluated models, with champion aliases.
+
+:func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving`) and registers
+it as a version of ``anomalib-uas-<category>``; :func:`update_champion` keeps the aliases ``champion`` (best version
+over all models) and ``champion-<model>`` (each model's best) on a chosen metric. An alias moves only to a version
+whose metric is finite and strictly better than the current holder's.
+
+Example:
+    >>> from anomalib_uas.registry import registered_name
+    >>> registered_name("brick")
+    'anomalib-uas-brick'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServableModel", "register_model", "registered_name", "update_champion"]
+
+
+def registered_name(category: str) -> str:
+    """Registered-model name of a category; its versions are the evaluated models.
+
+    Args:
+        category: Dataset category.
+
+    Returns:
+        ``"anomalib-uas-<category>"``.
+    """
+    return f"anomalib-uas-{category}"
+
+
+@dataclass(frozen=True)
+class ServableModel:
+    """What a registered version holds: everything the pyfunc of :mod:`anomalib_uas.serving` needs offline.
+
+    Args:
+        model: Model name (``metauas``, ``inctrl``, ``faprompt``).
+        category: Dataset category.
+        checkpoint: The model checkpoint (official format).
+        config: ``model``, ``category``, ``kwargs`` (model arguments) and the raw-score ``image_threshold`` and
+            ``pixel_threshold``.
+        example_image: An image of the category, stored as the signature's input example.
+        prompt_paths: Normal prompt images (MetaUAS, InCTRL).
+        clip_weights: CLIP weights file (InCTRL without a CLIP tower in its checkpoint, FAPrompt).
+    """
+
+    model: str
+    category: str
+    checkpoint: Path
+    config: dict[str, Any]
+    example_image: Path
+    prompt_paths: list[Path] = field(default_factory=list)
+    clip_weights: Path | None = None
+
+
+def register_model(servable: ServableModel, metrics: dict[str, float], champion_metric: str) -> ModelVersion:
+    """Log a category's model as an MLflow pyfunc, register it and update the champion aliases.
+
+    Must run inside an active run (see :func:`stage_run`). The version is self-contained: its checkpoint, CLIP
+    weights and prompt images are copied into the model's artifacts.
+
+    Args:
+        servable: The model and its files.
+        metrics: The category's metrics.
+        champion_metric: Metric that chooses the champions (higher is better).
+
+    Returns:
+        The new model version.
+
+    Raises:
+        ValueError: A prompted model without prompt images, or metrics without the champion metric.
+    """
+    if champion_metric not in metrics:
+        msg = f"registry.champion_metric {champion_metric!r} is not among the metrics {sorted(metrics)}: fix it"
+        raise ValueError(msg)
+    from anomalib_uas.models import get_spec
+    from anomalib_uas.serving import SIGNATURE, UASPyfuncModel
+
+    if get_spec(servable.model).takes_prompts and not servable.prompt_paths:
+        msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
+        raise ValueError(msg)
+    name = registered_name(servable.category)
+    with tempfile.TemporaryDirectory() as folder:
+        staging = Path(folder)
+        (staging / "config.json").write_text(json.dumps(servable.config, indent=2))
+        artifacts = {"checkpoint": str(servable.checkpoint), "config": str(staging / "config.json")}
+        if servable.prompt_paths:
+            (staging / "prompts").mkdir()
+            for index, path in enumerate(servable.prompt_paths):
+                shutil.copy(path, staging / "prompts" / f"{index:03d}{Path(path).suffix}")
+            artifacts["prompts"] = str(staging / "prompts")
+        if servable.clip_weights is not None:
+            artifacts["clip"] = str(servable.clip_weights)
+        info = mlflow.pyfunc.log_model(
+            name=f"{servable.model}-{servable.category}",
+            python_model=UASPyfuncModel(),
+            artifacts=artifacts,
+            code_paths=[str(Path(__file__).parent)],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": [servable.example_image.read_bytes()]}),
+            pip_requirements=[
+                "anomalib>=2.7,<2.8",
+                "torch==2.14.1",
+                "torchvision==0.29.1",
+                "timm",
+                "open_clip_torch>=3,<4",
+                "pillow",
+            ],
+            registered_model_name=name,
+        )
+    client = mlflow.MlflowClient()
+    version = info.registered_model_version
+    client.set_model_version_tag(name, version, "uas.model", servable.model)
+    client.set_model_version_tag(name, version, champion_metric, f"{metrics[champion_metric]:.6f}")
+    update_champion(name, champion_metric)
+    return client.get_model_version(name, version)
+
+
+def update_champion(name: str, metric: str) -> str | None:
+    """Move ``champion`` and each ``champion-<model>`` to a better version, if there is one.
+
+    An alias moves only to a version whose ``metric`` tag is finite and strictly higher than that of the version the
+    alias points at (ties keep the current holder); a version with a non-finite metric never holds an alias.
+
+    Args:
+        name: Registered-model name.
+        metric: Tag holding the metric value.
+
+    Returns:
+        The champion version, or ``None`` when no version has a finite metric.
+    """
+    client = mlflow.MlflowClient()
+    scored = {}
+    for version in client.search_model_versions(f"name='{name}'"):
+        value = float(version.tags.get(metric, "nan"))
+        if math.isfinite(value):
+            scored[version.version] = (value, version.tags.get("uas.model"))
+    models = sorted({model for _, model in scored.values() if model})
+    champion = None
+    for alias, candidates in [
+        ("champion", list(scored)),
+        *[(f"champion-{model}", [v for v, (_, m) in scored.items() if m == model]) for model in models],
+    ]:
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda v: (scored[v][0], -int(v)))  # the first version that reached the best
+        current = _alias_version(client, name, alias)
+        if current not in scored or scored[best][0] > scored[current][0]:
+            client.set_registered_model_alias(name, alias, best)
+            current = best
+        if alias == "champion":
+            champion = current
+    return champion
+
+
+def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
