@@ -74,7 +74,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     mlflow.set_tracking_uri(tracking.tracking_uri())  # resolves models:/<name>@<alias>
     alias = "champion" if args.model is None else f"champion-{args.model}"
-    uri = f"models:/{registry.registered_name(args.category)}@{alias}"
+    name = registry.registered_name(args.category)
+    if registry.version_of(name, alias) is None:
+        print(
+            f"uas serve: error: no registered model {name}@{alias} in {tracking.tracking_uri()}: run `dvc repro` "
+            f"(it registers every evaluated model of data.categories) or choose another category or --model",
+            file=sys.stderr,
+        )
+        return 2
+    uri = f"models:/{name}@{alias}"
     print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
     serve(uri, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
     return 0

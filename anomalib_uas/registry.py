@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServableModel", "register_model", "registered_name", "update_champion"]
+__all__ = ["ServableModel", "register_model", "registered_name", "update_champion", "version_of"]
 
 
 def registered_name(category: str) -> str:
@@ -161,7 +161,7 @@ def update_champion(name: str, metric: str) -> str | None:
         if not candidates:
             continue
         best = max(candidates, key=lambda v: (scored[v][0], -int(v)))  # the first version that reached the best
-        current = _alias_version(client, name, alias)
+        current = version_of(name, alias)
         if current not in scored or scored[best][0] > scored[current][0]:
             client.set_registered_model_alias(name, alias, best)
             current = best
@@ -170,8 +170,17 @@ def update_champion(name: str, metric: str) -> str | None:
     return champion
 
 
-def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
+def version_of(name: str, alias: str) -> str | None:
+    """The version an alias points at.
+
+    Args:
+        name: Registered-model name.
+        alias: Alias, e.g. ``champion``.
+
+    Returns:
+        The version, or ``None`` when the model or the alias does not exist.
+    """
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
     except MlflowException:
         return None

@@ -259,8 +259,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         msg = (
-            f"Cannot read checkpoint {path}: {type(exc).__name__}: {exc}. The file is truncated, corrupt or not a "
+            f"Cannot read checkpoint {path}: {type(exc).__name__}: {first}. The file is truncated, corrupt or not a "
             f"PyTorch checkpoint; download it again."
         )
         raise WeightsError(msg) from exc

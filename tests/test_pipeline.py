@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,10 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
     assert len(saved["pred_score"]) == len(saved["gt_label"]) == len(saved["image_path"])
     for model in ("inctrl", "faprompt"):
         assert json.loads((root / "reports" / model / "metrics.json").read_text()) == {"skipped": 1}
-        assert json.loads((root / "reports" / model / "skipped.json").read_text())["reason"]
+        assert (
+            "is skipped because files it needs"
+            in json.loads((root / "predictions" / model / "evaluation.json").read_text())["skipped"]
+        )
     report = (root / "reports" / "report.md").read_text()
     assert "| metauas | brick |" in report
     assert "skipped" in report
@@ -96,17 +101,91 @@ def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: t
     assert not {"data", "weights@metauas"} & ran
 
 
-def test_missing_weights_are_skipped_with_the_fix(project: tuple[Path, dict[str, str]]) -> None:
+def _snapshot(root: Path) -> dict[str, str]:
+    """Content hash of every stage output."""
+    files = {}
+    for folder in ("data/dataset", "checkpoints", "predictions", "reports"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file():
+                files[str(path.relative_to(root))] = hashlib.md5(path.read_bytes()).hexdigest()
+    return files
+
+
+def _set(params: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        params = params[part]
+    params[last] = value
+
+
+FAILURES = [
+    ("data", "data.dataset", "dmeo", "data.dataset = 'dmeo' is not allowed"),
+    ("data", "data.dataset", "folder", "data.folder.normal_dir = 'datasets/mine/good' is not a folder"),
+    ("data", "data.categories", ["nope"], "data.categories ['nope'] are not demo categories"),
+    ("weights@metauas", "weights.metauas", "metauas-1024", "weights.metauas = 'metauas-1024' is neither"),
+    ("weights@metauas", "weights.metauas", "metauas-512", "metauas-512.ckpt"),
+    ("weights@metauas", "weights.metauas", "params.yaml", "Cannot read checkpoint"),
+    ("weights@inctrl", "weights.inctrl", "missing/inctrl.pyth", "weights.inctrl = 'missing/inctrl.pyth' is neither"),
+    ("evaluate@metauas", "data.categories", ["nope"], "data.categories ['nope'] are not in data/dataset"),
+    ("evaluate@metauas", "registry.champion_metric", "pixel_aupro", "registry.champion_metric = 'pixel_aupro'"),
+    ("evaluate@metauas", "evaluate.k_shot", "two", "evaluate.k_shot = 'two' is not allowed"),
+    ("evaluate@metauas", "evaluate.k_shot", 1.5, "evaluate.k_shot = 1.5 is not allowed"),
+    ("evaluate@metauas", "evaluate.prompt_strategy", "pool", "set evaluate.prompt_source"),
+    ("report", "models", ["metauas", "yolo"], "models.1 = 'yolo' is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("stage", "key", "value", "expected"), FAILURES, ids=[f"{f[0]}-{f[1]}" for f in FAILURES])
+def test_bad_input_is_one_line_and_loses_nothing(
+    project: tuple[Path, dict[str, str]], stage: str, key: str, value: Any, expected: str
+) -> None:
     root, env = project
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["weights"]["metauas"] = "metauas-512"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    original = (root / "params.yaml").read_text()
     run_command(["dvc", "repro"], root, env)
-    reason = json.loads((root / "reports" / "metauas" / "skipped.json").read_text())["reason"]
-    assert "metauas-512.ckpt" in reason
-    assert "UAS_WEIGHTS_DIR" in reason
-    assert "weights/metauas/metauas-512.ckpt" in reason
-    assert "**metauas** skipped" in (root / "reports" / "report.md").read_text()
+    before = _snapshot(root)
+    params = yaml.safe_load(original)
+    _set(params, key, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = subprocess.run(
+            ["dvc", "repro", "--single-item", stage], cwd=root, env=env, capture_output=True, text=True, check=False
+        )
+    finally:
+        (root / "params.yaml").write_text(original)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("uas ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert expected in errors[0]
+    assert "Traceback" not in result.stderr
+    assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", "params.yaml is empty"), ("data: [brick\n", "params.yaml is not valid YAML at line 2")],
+)
+def test_unreadable_params_fail_every_stage_cleanly(
+    project: tuple[Path, dict[str, str]], text: str, expected: str
+) -> None:
+    root, env = project
+    original = (root / "params.yaml").read_text()
+    run_command(["dvc", "repro"], root, env)
+    before = _snapshot(root)
+    (root / "params.yaml").write_text(text)
+    try:
+        result = subprocess.run(
+            ["python", "pipelines/evaluate.py", "metauas"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        (root / "params.yaml").write_text(original)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"uas evaluate: error: {expected}")
+    assert _snapshot(root) == before
 
 
 def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:

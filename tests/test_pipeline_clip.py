@@ -22,6 +22,7 @@ import yaml
 from pipeline_repo import REPO, make_repo, run_command, stages_run
 
 from anomalib_uas.review import fo  # fiftyone, imported through the package's metadata shim
+from anomalib_uas.stages.status import Status
 
 pytestmark = pytest.mark.slow
 
@@ -95,16 +96,16 @@ def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(projec
     assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "ms_per_image"} <= set(row)
     assert all(0.0 <= row[name] <= 1.0 for name in ("image_AUROC", "pixel_AUROC"))
     status = json.loads((root / "checkpoints" / "inctrl" / "status.json").read_text())
-    assert status["clip_model"] == TINY_B
+    assert status["kwargs"]["clip_model"] == TINY_B
     assert "weights/inctrl/2/checkpoint.pyth" in status["description"]
-    evaluation = json.loads((root / "reports" / "inctrl" / "evaluation.json").read_text())
+    evaluation = json.loads((root / "predictions" / "inctrl" / "evaluation.json").read_text())
     assert len(evaluation["prompt_paths"]["brick"]) == 1  # evaluate.k_shot
     assert "/train/good/" in evaluation["prompt_paths"]["brick"][0]
     saved = np.load(root / "predictions" / "inctrl" / "brick" / "predictions.npz")
     assert len(saved["pred_score"]) == len(saved["gt_label"]) > 0
 
     assert _metrics(root, "faprompt") == {"skipped": 1}
-    reason = json.loads((root / "reports" / "faprompt" / "skipped.json").read_text())["reason"]
+    reason = json.loads((root / "predictions" / "faprompt" / "evaluation.json").read_text())["skipped"]
     assert "weights/faprompt/epoch_15.pth" in reason
     assert "weights.faprompt" in reason
     assert "dvc repro" in reason
@@ -151,7 +152,7 @@ def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
     metrics = _metrics(root, "faprompt")
     assert metrics["skipped"] == 0
     assert {"image_AUROC", "pixel_AUPRO"} <= set(metrics["categories"]["brick"])
-    assert not (root / "reports" / "faprompt" / "skipped.json").exists()
+    assert "skipped" not in json.loads((root / "predictions" / "faprompt" / "evaluation.json").read_text())
     saved = np.load(root / "predictions" / "faprompt" / "brick" / "predictions.npz")
     assert saved["anomaly_map"].shape[1:] == (FAPROMPT_SIZE, FAPROMPT_SIZE)
     report = (root / "reports" / "report.md").read_text()
@@ -170,16 +171,21 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def _prepare(model: str, params: dict[str, Any], workdir: Path) -> Status:
+    from anomalib_uas.stages import weights
+
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return weights.main(model, workdir / "params.yaml", workdir / "weights" / model, workdir / "checkpoints" / model)
+
+
 def test_missing_files_give_the_skip_reason_naming_each_file(workdir: Path) -> None:
-    from anomalib_uas.pipeline import prepare_weights
-
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    inctrl = prepare_weights("inctrl", params)
-    assert inctrl["status"] == "skipped"
-    assert "weights/inctrl/2/checkpoint.pyth" in inctrl["reason"]
-    assert "weights.inctrl" in inctrl["reason"]
+    inctrl = _prepare("inctrl", params, workdir)
+    assert not inctrl.ready
+    assert "weights/inctrl/2/checkpoint.pyth" in inctrl.reason
+    assert "weights.inctrl" in inctrl.reason
 
-    faprompt = prepare_weights("faprompt", params)["reason"]
+    faprompt = _prepare("faprompt", params, workdir).reason
     for expected in (
         "weights/faprompt/epoch_15.pth",
         "weights.faprompt",
@@ -192,42 +198,58 @@ def test_missing_files_give_the_skip_reason_naming_each_file(workdir: Path) -> N
         assert expected in faprompt, expected
     assert json.loads((workdir / "checkpoints" / "faprompt" / "status.json").read_text())["reason"] == faprompt
 
-    params["weights"]["faprompt"] = "elsewhere/epoch_7.pth"
-    assert (
-        "elsewhere/epoch_7.pth named by weights.faprompt does not exist"
-        in prepare_weights("faprompt", params)["reason"]
-    )
-
-    params["models_config"]["inctrl"]["clip_weights"] = "nowhere/clip.pt"
     params["weights"]["inctrl"] = "train"
-    reason = prepare_weights("inctrl", params)["reason"]
+    reason = _prepare("inctrl", params, workdir).reason
     assert "datasets/auxiliary/bottle" in reason
     assert "train.inctrl.root" in reason
-    assert "nowhere/clip.pt" in reason
+    assert "vit_b_16_plus_240-laion400m_e32-699c4b84.pt" in reason
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "value", "expected"),
+    [
+        ("faprompt", "weights", "elsewhere/epoch_7.pth", "weights.faprompt = 'elsewhere/epoch_7.pth' is neither"),
+        ("inctrl", "models_config", "nowhere/clip.pt", "models_config.inctrl.clip_weights = 'nowhere/clip.pt'"),
+    ],
+)
+def test_a_path_set_by_the_user_that_does_not_exist_fails(
+    workdir: Path, model: str, key: str, value: str, expected: str
+) -> None:
+    from anomalib_uas.weights import WeightsError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    if key == "weights":
+        params["weights"][model] = value
+    else:
+        params["models_config"][model]["clip_weights"] = value
+        params["weights"][model] = "train"
+    with pytest.raises(WeightsError, match=expected):
+        _prepare(model, params, workdir)
+    assert not (workdir / "checkpoints" / model).exists()
 
 
 @pytest.mark.parametrize("model", ["inctrl", "faprompt"])
 def test_auxiliary_training_feeds_the_evaluation(
     model: str, workdir: Path, official_files: dict[str, Path], demo_root: Path
 ) -> None:
-    from anomalib_uas.pipeline import build_model, prepare_weights
+    from anomalib_uas.models.loading import load_model
 
     params = _tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["weights"][model] = "train"
     params["models_config"][model]["clip_weights"] = str(official_files[f"{model}_clip"])
     categories = sorted(p.name for p in demo_root.iterdir() if p.is_dir())
     params["train"][model].update(root=str(demo_root), categories=categories, max_steps=2, batch_size=4)
-    status = prepare_weights(model, params)
-    assert status["status"] == "ready", status.get("reason")
-    assert "trained on the auxiliary categories" in status["description"]
-    assert mlflow.get_run(status["mlflow_run_id"]).data.metrics["train_minutes"] > 0
+    status = _prepare(model, params, workdir)
+    assert status.ready, status.reason
+    assert "trained on the auxiliary categories" in status.description
+    assert mlflow.get_run(status.extra["mlflow_run_id"]).data.metrics["train_minutes"] > 0
     assert not (workdir / "checkpoints" / model / "training").exists()
-    module = build_model(model, status, params)
+    module = load_model(model, status.checkpoint_path, status.clip_weights_path, **status.kwargs)
     if model == "inctrl":
         from anomalib_uas.models.inctrl.checkpoint import TRAINED_PREFIXES
         from anomalib_uas.weights import load_state_dict
 
-        trained = load_state_dict(status["checkpoint"])
+        trained = load_state_dict(status.checkpoint_path)
         assert trained
         assert all(key.startswith(TRAINED_PREFIXES) for key in trained)
         for key, value in trained.items():
@@ -237,7 +259,7 @@ def test_auxiliary_training_feeds_the_evaluation(
 
         learner = module.model.prompt_learner.state_dict()
         assert torch.equal(
-            read_official(status["checkpoint"])["ctx_pos"].reshape(learner["ctx_pos"].shape), learner["ctx_pos"]
+            read_official(status.checkpoint_path)["ctx_pos"].reshape(learner["ctx_pos"].shape), learner["ctx_pos"]
         )
         untrained = read_official(official_files["faprompt"])["ctx_pos"]
         assert not torch.equal(untrained.reshape(learner["ctx_pos"].shape), learner["ctx_pos"])

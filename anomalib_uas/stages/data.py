@@ -65,6 +65,14 @@ def _check_sources(data: DataParams) -> dict[str, Path]:
                 raise StageError(msg)
         return {}
     if data.dataset == "demo":
+        from anomalib_uas.data.demo import DEMO_CATEGORIES
+
+        unknown = [category for category in data.categories if category not in DEMO_CATEGORIES]
+        if unknown:
+            msg = (
+                f"data.categories {unknown} are not demo categories ({', '.join(DEMO_CATEGORIES)}): fix data.categories"
+            )
+            raise StageError(msg)
         return {}
     root = Path(data.source)
     prepared = root / "visa_pytorch" if data.dataset == "visa" else root

@@ -40,9 +40,9 @@ def main(params_file: Path, reports: Path, predictions: Path, markdown: Path, pa
     with replacing(markdown, page) as (markdown_out, page_out):
         markdown_out.write_text(text)
         page_out.write_text(html)
-        with tracking.stage_run("report", None, params.as_dict()):
-            mlflow.log_artifact(str(markdown_out), artifact_path="report")
-            mlflow.log_artifact(str(page_out), artifact_path="report")
+    with tracking.stage_run("report", None, params.as_dict()):
+        mlflow.log_artifact(str(markdown), artifact_path="report")
+        mlflow.log_artifact(str(page), artifact_path="report")
     return text
 
 

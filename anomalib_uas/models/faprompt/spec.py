@@ -47,7 +47,7 @@ def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
         checkpoint=checkpoint,
         clip_weights=clip,
         kwargs={"clip_model": clip_model, "image_size": config.image_size or REFERENCE_SIZE},
-        description=f"FAPrompt prompt learner {checkpoint.name} ({clip_model}, CLIP from {clip.name})",
+        description=f"FAPrompt prompt learner {checkpoint} ({clip_model}, CLIP from {clip.name})",
     )
 
 

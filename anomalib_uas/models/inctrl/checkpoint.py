@@ -77,7 +77,10 @@ def read_official(source: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_state_dict(path)
     except WeightsError:
-        content = torch.load(path, map_location="cpu", weights_only=True)  # readable: load_state_dict checked it
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable: load_state_dict's error already says so
+            content = None
         state = content.get("model_state") if isinstance(content, dict) else None
         if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
             return state

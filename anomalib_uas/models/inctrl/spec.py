@@ -53,7 +53,7 @@ def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
         checkpoint=checkpoint,
         clip_weights=clip,
         kwargs={"clip_model": clip_model},
-        description=f"InCTRL checkpoint {checkpoint.name} ({clip_model}, {clip_from})",
+        description=f"InCTRL checkpoint {checkpoint} ({clip_model}, {clip_from})",
     )
 
 
