@@ -40,6 +40,7 @@ __all__ = [
     "PredictionRecorder",
     "evaluate_model",
     "format_table",
+    "score_images",
 ]
 
 
@@ -131,6 +132,7 @@ def evaluate_model(
     predictions_dir: str | Path | None = None,
     batch_size: int = 8,
     build_logger: Callable[[str], Any] | None = None,
+    held_out_normals: Callable[[str, list[str]], list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``Engine.test`` on each category with a fresh model.
 
@@ -142,10 +144,12 @@ def evaluate_model(
         predictions_dir: Where to save each category's ``predictions.npz``; not saved when ``None``.
         batch_size: Evaluation batch size.
         build_logger: Returns the Engine logger of a category (e.g. an MLflow logger); no logging when ``None``.
+        held_out_normals: ``(category, prompt_paths) -> image paths``: normal images outside the test set, scored by
+            the tested model (for thresholds at a target false-alarm rate); none when ``None``.
 
     Returns:
-        One row per category with the metrics, ``ms_per_image`` (the test loop's wall time per image) and the
-        ``prompt_paths`` the model used.
+        One row per category with the metrics, ``ms_per_image`` (the test loop's wall time per image), the
+        ``prompt_paths`` the model used and the raw ``normal_scores`` of the held-out normal images.
     """
     rows = []
     for category in categories:
@@ -165,10 +169,34 @@ def evaluate_model(
         row = {"category": category, **{name: float(results[name]) for name in METRICS if name in results}}
         row["ms_per_image"] = 1000.0 * recorder.seconds / max(recorder.num_images, 1)
         row["prompt_paths"] = list(getattr(model, "prompt_paths", []))
+        normals = held_out_normals(category, row["prompt_paths"]) if held_out_normals is not None else []
+        row["normal_scores"] = score_images(model, normals, batch_size)
         if predictions_dir is not None:
             recorder.save(Path(predictions_dir) / category / "predictions.npz")
         rows.append(row)
     return rows
+
+
+def score_images(model: AnomalibModule, paths: Sequence[str | Path], batch_size: int = 8) -> list[float]:
+    """Raw image scores of a model whose prompts are set (after ``Engine.test``), before any normalisation.
+
+    Args:
+        model: The tested model.
+        paths: Image files.
+        batch_size: Images per forward.
+
+    Returns:
+        One raw score per image, in order.
+    """
+    from anomalib_uas.data.images import read_image
+
+    network, transform = model.model.eval(), model.pre_processor.transform
+    scores: list[float] = []
+    for start in range(0, len(paths), batch_size):
+        images = torch.stack([transform(read_image(str(path))) for path in paths[start : start + batch_size]])
+        with torch.no_grad():
+            scores.extend(float(score) for score in network(images).pred_score.reshape(-1))
+    return scores
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

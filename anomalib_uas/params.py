@@ -169,6 +169,7 @@ class EvaluateParams(_Section):
     prompt_source: str | None = None
     seed: int = 0
     batch_size: PositiveInt = 8
+    target_fpr: Annotated[float, Field(ge=0, lt=1)] = 0.05
 
     @model_validator(mode="after")
     def _pool_has_source(self) -> EvaluateParams:

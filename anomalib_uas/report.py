@@ -26,7 +26,7 @@ from anomalib_uas.params import METRICS
 
 __all__ = ["markdown_report", "render_report"]
 
-COLUMNS = [*METRICS, "ms_per_image"]
+COLUMNS = [*METRICS, "false_alarm_rate", "miss_rate", "ms_per_image"]
 
 
 def _load(model: str, reports: Path, predictions: Path) -> dict[str, Any]:

@@ -3,9 +3,14 @@
 """Stage ``evaluate@<model>``: ``Engine.test`` on every category; metrics, curves, predictions, registration.
 
 Outputs: ``<predictions>/<category>/predictions.npz`` (raw scores and maps, see :mod:`anomalib_uas.evaluation`) and
-``<predictions>/evaluation.json`` (the weights' description or the reason the model was skipped, F1-optimal
-thresholds, prompt images, MLflow run id); ``<reports>/metrics.json`` and the ROC, PR and per-category CSVs.
+``<predictions>/evaluation.json`` (the weights' description or the reason the model was skipped, thresholds,
+prompt images, MLflow run id); ``<reports>/metrics.json`` and the ROC, PR and per-category CSVs.
 Every evaluated model is registered in MLflow per category (:mod:`anomalib_uas.registry`).
+
+Thresholds, per category: the image threshold reaches ``evaluate.target_fpr`` on normal images held out of the test
+set (the category's ``train/good`` images that were not prompts), and its false-alarm and miss rates on the test
+set are reported; the F1-optimal image threshold is recorded beside it. The registered model and the server use the
+target-rate threshold.
 
 Categories are checked against the dataset before anything runs, so a typo never lets anomalib's datamodule start
 a download; the outputs are replaced only when every category was evaluated.
@@ -23,7 +28,7 @@ import mlflow
 import numpy as np
 
 from anomalib_uas import registry, tracking
-from anomalib_uas.curves import thresholds, write_curves
+from anomalib_uas.curves import error_rates, fpr_threshold, thresholds, write_curves
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.params import METRICS, MODEL_NAMES, Params, load_params
@@ -31,7 +36,9 @@ from anomalib_uas.stages import StageError, run_stage
 from anomalib_uas.stages.outputs import replacing, write_json
 from anomalib_uas.stages.status import Status, model_kwargs, read_status
 
-__all__ = ["check_categories", "cli", "main"]
+__all__ = ["RATES", "check_categories", "cli", "held_out_normals", "main"]
+
+RATES = ("false_alarm_rate", "miss_rate", "FP", "FN")  # of the image threshold, on the test set
 
 
 def check_categories(dataset: Path, categories: Sequence[str]) -> None:
@@ -101,15 +108,19 @@ def _evaluate(
             predictions_dir=predictions,
             batch_size=params.evaluate.batch_size,
             build_logger=lambda category: tracking.engine_logger(f"{model}-{category}", run.info.run_id),
+            held_out_normals=lambda category, prompts: held_out_normals(dataset, category, prompts),
         )
-        columns = [*METRICS, "ms_per_image"]
+        saved = {category: np.load(predictions / category / "predictions.npz") for category in categories}
+        found = {row["category"]: _thresholds(saved[row["category"]], row, params.evaluate.target_fpr) for row in rows}
+        for row in rows:
+            row.update({key: found[row["category"]][f"test_{key}"] for key in RATES})
+        columns = [*METRICS, *RATES, "ms_per_image"]
         per_category = {row["category"]: {c: row[c] for c in columns if c in row} for row in rows}
         metrics = {
             "skipped": 0,
             "categories": per_category,
             "mean": {c: float(np.mean([row[c] for row in rows if c in row])) for c in columns},
         }
-        saved = {category: np.load(predictions / category / "predictions.npz") for category in categories}
         write_curves(
             reports,
             categories,
@@ -117,7 +128,6 @@ def _evaluate(
             [saved[c]["gt_label"] for c in categories],
             rows,
         )
-        found = {category: thresholds(saved[category]) for category in categories}
         write_json(
             predictions / "evaluation.json",
             {
@@ -148,6 +158,39 @@ def _evaluate(
                     params.registry.champion_metric,
                 )
     return metrics
+
+
+def held_out_normals(dataset: Path, category: str, prompts: Sequence[str]) -> list[str]:
+    """Normal images outside the test set that the model did not use as prompts: the category's ``train/good``.
+
+    Args:
+        dataset: The dataset folder.
+        category: The category.
+        prompts: The prompt images the model used.
+
+    Returns:
+        Image paths, sorted.
+    """
+    from anomalib_uas.data.images import list_images
+
+    used = {str(Path(path).resolve()) for path in prompts}
+    return [str(path) for path in list_images(dataset / category / "train" / "good") if str(path.resolve()) not in used]
+
+
+def _thresholds(saved: Any, row: dict[str, Any], target_fpr: float) -> dict[str, Any]:
+    """The image threshold at the target false-alarm rate (F1-optimal without held-out normals), and its test rates."""
+    f1 = thresholds(saved)
+    normal = np.asarray(row["normal_scores"])
+    image = fpr_threshold(normal, target_fpr) if len(normal) else f1["image_threshold"]
+    rates = error_rates(saved["gt_label"], saved["pred_score"], image)
+    return {
+        "image_threshold": image,
+        "image_threshold_f1": f1["image_threshold"],
+        "pixel_threshold": f1["pixel_threshold"],
+        "threshold_basis": f"target_fpr {target_fpr}" if len(normal) else "F1 (no held-out normal images)",
+        "held_out_normals": len(normal),
+        **{f"test_{key}": value for key, value in rates.items()},
+    }
 
 
 def _log_artifacts(model: str, metrics: dict[str, Any], reports: Path, predictions: Path) -> None:

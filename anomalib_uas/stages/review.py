@@ -70,7 +70,8 @@ def main(params_file: Path, checkpoints: Path, predictions: Path, media: Path, s
                     prompt_paths=evaluation["prompt_paths"][category],
                     mlflow_run_id=evaluation["mlflow_run_id"],
                     media_dir=media / model / category,
-                    **evaluation["thresholds"][category],
+                    image_threshold=evaluation["thresholds"][category]["image_threshold"],
+                    pixel_threshold=evaluation["thresholds"][category]["pixel_threshold"],
                 )
                 found = dataset.count_values("eval")
                 counts[dataset.name] = {"FP": found.get("FP", 0), "FN": found.get("FN", 0), "samples": len(dataset)}
