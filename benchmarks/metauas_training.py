@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         minutes = (time.perf_counter() - start) / 60.0
         architecture = {key: recipe[key] for key in ("backbone", "fusion", "decoder_channels", "seed")}
         untrained = MetaUAS(image_size=image_size, **architecture)
-        trained = MetaUAS.from_official_checkpoint(checkpoint, image_size=image_size, **architecture)
+        trained = MetaUAS.from_checkpoint(checkpoint, image_size=image_size, seed=recipe["seed"])
         scorers = {
             "trained": _metauas_scorer(trained),
             "untrained": _metauas_scorer(untrained),
