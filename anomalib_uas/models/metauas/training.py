@@ -4,9 +4,11 @@
 
 :func:`train_metauas` runs ``Engine.fit`` with ``MetaUAS(meta_train=True)`` on a
 :class:`~anomalib_uas.synthesis.ChangePairDataModule`: frozen encoder (optionally trainable), BCE on the change logits,
-AdamW. Lightning checkpoints (``last.ckpt``, for resuming) and ``metauas.pth`` (the official state_dict format with
-the architecture and training size recorded, see :func:`~anomalib_uas.models.metauas.checkpoint.save_checkpoint`;
-loaded with :meth:`MetaUAS.from_checkpoint`) are written to the output folder.
+AdamW, channels-last tensors, OpenCV single-threaded while the pairs are made (its thread pool would compete with
+torch's for the same cores). Lightning checkpoints (``last.ckpt``, for resuming) and ``metauas.pth`` (the official
+state_dict format with the architecture and training size recorded, see
+:func:`~anomalib_uas.models.metauas.checkpoint.save_checkpoint`; loaded with :meth:`MetaUAS.from_checkpoint`) are
+written to the output folder.
 
 Example:
     >>> from anomalib_uas.models.metauas.training import train_metauas
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.engine import Engine
@@ -28,7 +31,7 @@ from lightning.pytorch.loggers import Logger
 from anomalib_uas.models.metauas.checkpoint import save_checkpoint
 from anomalib_uas.models.metauas.lightning_model import MetaUAS
 from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
-from anomalib_uas.synthesis import ChangePairDataModule
+from anomalib_uas.synthesis import ChangePairDataModule, PairSynthesisConfig
 
 __all__ = ["CHECKPOINT_FILENAME", "MetaUASCheckpoint", "train_metauas"]
 
@@ -80,6 +83,7 @@ def train_metauas(
     learning_rate: float = 1e-3,
     weight_decay: float = 5e-4,
     sources: Sequence[str | Path] | None = None,
+    synthesis: dict[str, Any] | None = None,
     seed: int = 0,
     resume: bool = False,
     num_workers: int = 0,
@@ -104,6 +108,7 @@ def train_metauas(
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         sources: Image folders; ``None`` uses the images that ship with installed packages.
+        synthesis: :class:`~anomalib_uas.synthesis.PairSynthesisConfig` settings (``image_size`` is set here).
         seed: Seed of the pairs, their order and the initialisation.
         resume: Continue from ``last.ckpt`` in ``output_dir`` when it exists.
         num_workers: Data-loading workers.
@@ -139,6 +144,7 @@ def train_metauas(
         batch_size=batch_size,
         num_workers=num_workers,
         seed=seed,
+        config=PairSynthesisConfig(**{**(synthesis or {}), "image_size": image_size}),
     )
     checkpoint = output_dir / CHECKPOINT_FILENAME
     checkpoints = [
@@ -156,5 +162,10 @@ def train_metauas(
         **engine_kwargs,
     )
     last = output_dir / "last.ckpt"
-    engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
+    finally:
+        cv2.setNumThreads(opencv_threads)
     return checkpoint
