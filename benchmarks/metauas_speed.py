@@ -6,7 +6,7 @@ The model is the official MetaUAS architecture (EfficientNet-b4 encoder, ``tf_ef
 weights, which is enough for timing. For every image size and batch size three paths run side by side, interleaved
 repeat by repeat so that a disturbance from other processes hits all of them alike:
 
-* **eager, cached**: ``model(images)`` with one normal prompt encoded once by ``set_prompt_bank``;
+* **eager, cached**: ``model(images)`` with one normal prompt encoded once by ``set_prompts``;
 * **eager, uncached**: ``model(images, prompts)`` with one prompt per query, encoded on every call;
 * **ONNX Runtime**: the cached path exported with ``torch.onnx.export(..., dynamo=True)`` (dynamic batch if the
   export allows it, else one export per batch size) and run on the CPU execution provider.
@@ -338,7 +338,7 @@ def benchmark_size(model: MetaUASModel, size: int, args: argparse.Namespace, dir
     Returns:
         One row per batch size.
     """
-    model.set_prompt_bank(normalised_images(1, size, seed=0))
+    model.set_prompts(normalised_images(1, size, seed=0))
     print(f"[{size} px] exporting the cached path to ONNX ...", flush=True)
     exported = export_cached_path(model, size, args.batches, directory)
     status = f"failed: {exported.error}" if exported.error else f"{exported.mode}, {exported.seconds:.1f} s"
@@ -386,7 +386,7 @@ def run_memory_probe(size: int) -> None:
     """
     after_imports = max_rss_bytes()
     model = build_model()
-    model.set_prompt_bank(normalised_images(1, size, seed=0))
+    model.set_prompts(normalised_images(1, size, seed=0))
     images = normalised_images(1, size, seed=2)
     with torch.inference_mode():
         for _ in range(PROBE_CALLS):
@@ -526,7 +526,7 @@ def header(args: argparse.Namespace, load_before: tuple[float, ...]) -> list[str
         "(CPUExecutionProvider)",
         f"- median of {args.repeats} timed calls after {args.warmup} warm-up calls, paths interleaved; "
         f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}",
-        "- eager cached: `model(images)` with `set_prompt_bank`; eager uncached: `model(images, prompts)` with "
+        "- eager cached: `model(images)` with `set_prompts`; eager uncached: `model(images, prompts)` with "
         "one prompt per query; ONNX RT: the cached path exported with `torch.onnx.export(dynamo=True)`",
     ]
 

@@ -13,12 +13,16 @@ prompt per category (the seeded random protocol of the paper):
   patch to its nearest prompt patch in the same encoder's features.
 
 All three are scored by the metrics of ``MetaUAS.configure_evaluator`` on raw scores and maps (the metrics are
-threshold-free). The Markdown report is printed and written to ``benchmarks/results/metauas_training.md``.
+threshold-free). The report gives the training time in minutes and optimisation steps per second, the CPU's
+vector ISA and the ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` overrides (``avx2`` for both approximates an
+AVX2-only CPU on an AVX-512 one). The Markdown report is printed and written to
+``benchmarks/results/metauas_training.md``.
 
 Run it from the repository root:
 
     python benchmarks/metauas_training.py
     python benchmarks/metauas_training.py --max-steps 50   # a quick look, not the recipe
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/metauas_training.py --skip-evaluation
 """
 
 from __future__ import annotations
@@ -114,6 +118,11 @@ def _table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _isa() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train with the recipe, evaluate the three models, print and write the report.
 
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, help="Override the recipe's optimisation steps.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--skip-evaluation", action="store_true", help="time the training only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe: dict[str, Any] = dict(params["train"]["metauas"])
@@ -133,16 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     data = params["data"]
     image_size = params["evaluate"]["image_size"]
     seed = params["evaluate"]["seed"]
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as workdir:
         root = generate_demo_dataset(
             Path(workdir) / "demo", categories=data["categories"], image_size=data["image_size"], seed=data["seed"]
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         checkpoint = train_metauas(Path(workdir) / "training", enable_progress_bar=False, **recipe)
-        minutes = (time.perf_counter() - start) / 60.0
+        seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
+        minutes = seconds / 60.0
         architecture = {key: recipe[key] for key in ("backbone", "fusion", "decoder_channels", "seed")}
         untrained = MetaUAS(image_size=image_size, **architecture)
-        trained = MetaUAS.from_official_checkpoint(checkpoint, image_size=image_size, **architecture)
+        trained = MetaUAS.from_checkpoint(checkpoint, image_size=image_size, seed=recipe["seed"])
         scorers = {
             "trained": _metauas_scorer(trained),
             "untrained": _metauas_scorer(untrained),
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {
             name: {category: evaluate(scorer, root, category, image_size, seed) for category in data["categories"]}
             for name, scorer in scorers.items()
+            if not args.skip_evaluation
         }
     recipe_text = ", ".join(f"{key}={value}" for key, value in recipe.items())
     report = "\n".join(
@@ -160,12 +174,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__} with {args.threads} threads.",
             "",
-            f"Recipe: {recipe_text}. Training took **{minutes:.1f} min**.",
+            f"CPU: {_isa()}; overrides: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
+            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; load average before training "
+            f"{load[0]:.1f}.",
+            "",
+            f"Recipe: {recipe_text}. Training took **{minutes:.1f} min** ({recipe['max_steps'] / seconds:.2f} steps/s, "
+            f"{cpu_seconds / seconds:.2f} CPU-seconds per second).",
             "",
             f"One seeded random normal prompt per category, evaluated at {image_size} px on the demo dataset "
             f"({', '.join(data['categories'])}):",
             "",
-            _table(results),
+            _table(results) if results else "(evaluation skipped)",
             "",
         ]
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from anomalib_uas.models.components.backbones import build_encoder, lukemelas_to_timm
+from anomalib_uas.models.metauas.baseline import PromptDistanceModel
 from anomalib_uas.models.metauas.checkpoint import from_official, to_official
 from anomalib_uas.models.metauas.torch_model import FeatureAlignment, MetaUASModel, UNetDecoder
 from anomalib_uas.weights import efficientnet_lite_state_dict
@@ -104,10 +105,10 @@ def lite_model() -> MetaUASModel:
 def test_k_shot_of_identical_prompts_equals_one_shot(lite_model: MetaUASModel) -> None:
     query, prompt = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 64, 64)
     lite_model.k_shot = 1
-    lite_model.set_prompt_bank(prompt)
+    lite_model.set_prompts(prompt)
     one = lite_model(query)
     lite_model.k_shot = 3
-    lite_model.set_prompt_bank(prompt.expand(3, -1, -1, -1))
+    lite_model.set_prompts(prompt.expand(3, -1, -1, -1))
     three = lite_model(query)
     torch.testing.assert_close(three.anomaly_map, one.anomaly_map, atol=1e-5, rtol=1e-4)
 
@@ -126,13 +127,13 @@ def test_k_shot_averages_aligned_prompts(lite_model: MetaUASModel) -> None:
         second = align.align(query_levels[-1 - i], bank[i], torch.tensor([[1]]))
         torch.testing.assert_close(both[i], (first + second) / 2)
     lite_model.k_shot = 2
-    lite_model.set_prompt_bank(prompts)
+    lite_model.set_prompts(prompts)
     torch.testing.assert_close(lite_model(query).anomaly_map, lite_model(query, prompts.unsqueeze(0)).anomaly_map)
 
 
 def test_batch_equals_single_runs(lite_model: MetaUASModel) -> None:
     queries = torch.randn(3, 3, 64, 64)
-    lite_model.set_prompt_bank(torch.randn(1, 3, 64, 64))
+    lite_model.set_prompts(torch.randn(1, 3, 64, 64))
     batched = lite_model(queries).anomaly_map
     single = torch.cat([lite_model(q[None]).anomaly_map for q in queries])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
@@ -141,7 +142,7 @@ def test_batch_equals_single_runs(lite_model: MetaUASModel) -> None:
 def test_retrieval_picks_the_most_similar_bank_entries(lite_model: MetaUASModel) -> None:
     lite_model.retrieval, lite_model.k_shot = True, 1
     bank = torch.randn(4, 3, 64, 64)
-    lite_model.set_prompt_bank(bank)
+    lite_model.set_prompts(bank)
     index = lite_model.select_prompts(lite_model.encode(bank[[2, 0]])[-1], lite_model.prompt_bank[0])
     assert index.tolist() == [[2], [0]]
     torch.testing.assert_close(lite_model(bank[[2]]).anomaly_map, lite_model(bank[[2]], bank[[2]]).anomaly_map)
@@ -154,7 +155,7 @@ def test_missing_prompts_give_a_clear_error(lite_model: MetaUASModel) -> None:
 
 def test_wrong_number_of_prompts_is_rejected(lite_model: MetaUASModel) -> None:
     with pytest.raises(ValueError, match="k_shot=1"):
-        lite_model.set_prompt_bank(torch.zeros(2, 3, 64, 64))
+        lite_model.set_prompts(torch.zeros(2, 3, 64, 64))
 
 
 def test_training_mode_returns_logits_with_gradients_and_frozen_encoder(lite_model: MetaUASModel) -> None:
@@ -178,3 +179,14 @@ def test_official_format_round_trip() -> None:
     other.load_state_dict(from_official(official, other), strict=False)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(other.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_prompt_distance_baseline_is_zero_on_the_prompt_and_peaks_at_a_defect() -> None:
+    baseline = PromptDistanceModel(build_encoder("efficientnet_lite0", pretrained=True))
+    prompt = torch.randn(1, 3, 128, 128)
+    query = prompt.clone()
+    query[:, :, 60:72, 60:72] = 3.0
+    output = baseline(torch.cat([prompt, query]), prompt)
+    peak = divmod(int(output.anomaly_map[1].argmax()), 128)
+    assert all(40 <= coordinate <= 92 for coordinate in peak)
+    assert float(output.pred_score[0]) < 0.05 * float(output.pred_score[1])  # matmul-based distances: ~0, not 0

@@ -21,6 +21,7 @@ from PIL import Image
 from anomalib_uas.data import ImageFolderDataset
 from anomalib_uas.models import MetaUAS
 from anomalib_uas.models.components.transforms import AlignCornersResize
+from anomalib_uas.models.metauas.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -173,17 +174,43 @@ def test_export_to_torch_and_onnx_match_eager(
     np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4)
 
 
-def test_anomalib_cli_with_the_repo_config(demo_root: Path, demo_category: str, tmp_path: Path) -> None:
+def _cli_test(demo_root: Path, demo_category: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "anomalib.cli.cli", "test",
         "--config", str(REPO / "configs" / "metauas.yaml"),
         "--data.root", str(demo_root), "--data.category", demo_category,
-        "--model.image_size", "64",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=cwd)
+
+
+def test_anomalib_cli_with_the_repo_config_runs_the_offline_checkpoint(
+    demo_root: Path, demo_category: str, tmp_path: Path
+) -> None:
+    missing = _cli_test(demo_root, demo_category, tmp_path)
+    assert missing.returncode != 0
+    assert "uas train metauas" in " ".join((missing.stdout + missing.stderr).split())
+    torch.manual_seed(0)
+    trained = MetaUAS(image_size=64, fusion="absdiff", decoder_channels=(32, 16, 16, 16, 8))
+    save_checkpoint(trained.model, tmp_path / "checkpoints" / "metauas" / "metauas.pth", image_size=64)
+    result = _cli_test(demo_root, demo_category, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pixel_AUPRO" in result.stdout
     assert (tmp_path / "results" / "MetaUAS" / "MVTecAD" / demo_category).is_dir()
+
+
+def test_retrieval_predictions_name_the_prompt_of_each_query(
+    demo_root: Path, demo_category: str, tmp_path: Path
+) -> None:
+    prompts = demo_root / demo_category / "train" / "good"
+    queries = sorted(prompts.glob("*.png"))[:2]
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for path in queries:
+        shutil.copy(path, folder / path.name)
+    model = MetaUAS(image_size=64, prompt_strategy="retrieval", prompt_source=str(prompts), visualizer=False)
+    predictions = _engine(tmp_path).predict(model, data_path=folder)
+    explanations = [text for batch in predictions for text in batch.explanation]
+    assert explanations == [f"prompt: {path}" for path in queries]  # each normal image retrieves itself
 
 
 @pytest.mark.parametrize("size", [100, 0])

@@ -79,7 +79,7 @@ def _pairs() -> tuple[torch.Tensor, torch.Tensor]:
 def test_both_checkpoint_formats_reload_and_predict_the_same(trained: tuple[Path, LossRecorder]) -> None:
     output, _ = trained
     assert (output / "last.ckpt").is_file()
-    official = MetaUAS.from_official_checkpoint(output / "metauas.pth", image_size=SIZE, backbone="efficientnet_lite0")
+    official = MetaUAS.from_checkpoint(output / "metauas.pth")
     lightning = MetaUAS.load_from_checkpoint(output / "last.ckpt", weights_only=False)
     untrained = MetaUAS(backbone="efficientnet_lite0", image_size=SIZE)
     images, prompts = _pairs()
@@ -99,7 +99,7 @@ def test_trained_checkpoint_runs_engine_test(
     from anomalib.data import MVTecAD
 
     output, _ = trained
-    model = MetaUAS.from_official_checkpoint(output / "metauas.pth", image_size=SIZE, backbone="efficientnet_lite0")
+    model = MetaUAS.from_checkpoint(output / "metauas.pth")
     datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     results = engine.test(model, datamodule=datamodule, verbose=False)[0]
@@ -164,5 +164,5 @@ def test_ddp_on_two_cpu_processes_keeps_parameters_identical(tmp_path: Path) -> 
     ranks = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(rank["world_size"] == 2 and rank["backend"] == "gloo" and rank["step"] == 3 for rank in ranks)
     assert ranks[0]["sha"] == ranks[1]["sha"]
-    reloaded = MetaUAS.from_official_checkpoint(output / "metauas.pth", image_size=SIZE, backbone="efficientnet_lite0")
+    reloaded = MetaUAS.from_checkpoint(output / "metauas.pth")
     assert not reloaded.model.has_prompts

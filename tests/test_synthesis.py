@@ -237,3 +237,16 @@ def test_perlin_noise_and_mask() -> None:
         perlin_mask((8, 8), np.random.default_rng(0), scale_exponents=(2, 1))
     with pytest.raises(ValueError, match="resolution"):
         perlin_noise((8, 8), (0, 1), np.random.default_rng(0))
+
+
+def test_texture_pair_prompt_is_another_realization_of_the_query_texture() -> None:
+    still = PairSynthesisConfig(
+        image_size=64, p_realization=1.0, max_rotation=0.0, max_translate=0.0, scale_range=(1.0, 1.0), color_jitter=0.0
+    )
+    dataset = ChangePairDataset([np.zeros((80, 80, 3), np.uint8)], 6, seed=0, config=still)
+    for index in range(6):
+        pair, clean = dataset.synthesize(index, kind="none")
+        prompt = pair.prompt.permute(1, 2, 0).numpy() * 255.0
+        assert clean.any()  # a procedural texture, not the black source image
+        assert np.abs(prompt - clean).mean() > 1.0  # not the same image: another realization
+        assert np.abs(prompt.mean(axis=(0, 1)) - clean.mean(axis=(0, 1))).max() < 64.0  # of the same colours

@@ -18,6 +18,11 @@ resized to ``image_size``. Then one change kind is drawn (:data:`CHANGE_KINDS`):
 * ``exchange``: a segment of ``clean`` is inpainted and a segment of another image is pasted over it;
 * ``none``: the query is ``clean``.
 
+With probability :attr:`PairSynthesisConfig.p_realization` the pair is a *texture pair* instead: ``clean`` is a
+procedural stochastic texture (:data:`TEXTURE_STYLES`: wobbling stripes, blotches, speckle, fractal Perlin noise,
+with random colours and scales) and the prompt is *another realization* of the same random process (same style,
+new random draws), so the model learns that statistically identical content is normal even when no pixel matches.
+
 Segments are irregular: a star-shaped random polygon, cut where possible along the edges of the image it comes
 from (a connected component of its Otsu-thresholded, blurred grey levels). The ``prompt`` is ``clean`` after a
 random affine transform (rotation, translation, scale, reflected border) and a small brightness, contrast and
@@ -57,11 +62,12 @@ import torch
 from torch.utils.data import Dataset
 
 from anomalib_uas.data.images import list_images, read_image
-from anomalib_uas.synthesis.perlin import perlin_mask
+from anomalib_uas.synthesis.perlin import perlin_mask, perlin_noise
 
 __all__ = [
     "CHANGE_KINDS",
     "OFFLINE_SOURCES",
+    "TEXTURE_STYLES",
     "ChangePair",
     "ChangePairDataset",
     "PairSynthesisConfig",
@@ -76,6 +82,10 @@ CHANGE_KINDS: tuple[str, ...] = ("local", "appear", "disappear", "exchange", "no
 """Kinds of synthetic change, as reported by :attr:`ChangePair.kind`."""
 
 OBJECT_KINDS: tuple[str, ...] = ("appear", "disappear", "exchange")
+
+TEXTURE_STYLES: tuple[str, ...] = ("stripes", "blotches", "speckle", "perlin")
+"""Procedural texture families of texture pairs (and of pattern content): each draw of a style's parameters defines
+a random process whose realizations are statistically identical."""
 
 OFFLINE_SOURCES: tuple[str, ...] = (
     "skimage.data.astronaut",
@@ -154,6 +164,8 @@ class PairSynthesisConfig:
             (stripes, blotches, speckle) rather than a crop of another image.
         p_disappear_restore: Probability that a ``disappear`` pair removes an object pasted into ``clean`` (the
             query is then the untouched crop) rather than inpainting a segment of the crop.
+        p_realization: Probability of a texture pair: ``clean`` is a procedural texture and the prompt another
+            realization of it (see the module docstring) rather than a warped view of ``clean``.
 
     Raises:
         ValueError: A setting out of its range, or probabilities that do not sum to 1.
@@ -180,13 +192,14 @@ class PairSynthesisConfig:
     object_size: tuple[float, float] = (0.15, 0.6)
     p_pattern: float = 0.3
     p_disappear_restore: float = 0.5
+    p_realization: float = 0.0
 
     def __post_init__(self) -> None:
         """Validate the settings."""
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
             msg = f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {self.image_size!r}; pass e.g. 256."
             raise ValueError(msg)
-        for name in ("p_local", "p_object", "p_none", "p_pattern", "p_disappear_restore"):
+        for name in ("p_local", "p_object", "p_none", "p_pattern", "p_disappear_restore", "p_realization"):
             _check_probability(name, getattr(self, name))
         total = self.p_local + self.p_object + self.p_none
         if not math.isclose(total, 1.0, abs_tol=1e-6):
@@ -406,25 +419,50 @@ def _recolour(image: UInt8Image, rng: np.random.Generator) -> UInt8Image:
     return cv2.LUT(image, np.clip(np.rint(table), 0, 255).astype(np.uint8))
 
 
-def _pattern(size: tuple[int, int], rng: np.random.Generator) -> UInt8Image:
-    """Draw a procedural texture: stripes, colour blotches or speckle."""
+def _texture_style(rng: np.random.Generator) -> dict[str, object]:
+    """Draw the parameters of a procedural texture process (see :data:`TEXTURE_STYLES`)."""
+    return {
+        "style": TEXTURE_STYLES[int(rng.integers(len(TEXTURE_STYLES)))],
+        "colours": rng.uniform(0, 255, size=(2, 3)).astype(np.float32),
+        "angle": rng.uniform(0, math.pi),
+        "period": rng.uniform(4, 32),
+        "cells": int(rng.integers(2, 17)),
+        "octaves": int(rng.integers(1, 4)),
+        "contrast": rng.uniform(0.3, 1.0),
+    }
+
+
+def _texture(style: dict[str, object], size: tuple[int, int], rng: np.random.Generator) -> UInt8Image:
+    """Draw one realization of a texture process: the style is fixed, phases, grids and noise are new."""
     height, width = size
-    colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
-    style = int(rng.integers(3))
-    if style == 0:
-        angle = rng.uniform(0, math.pi)
-        period = rng.uniform(4, 32)
+    kind = style["style"]
+    if kind == "stripes":
+        angle, period = float(style["angle"]), float(style["period"])
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-        phase = (xs * math.cos(angle) + ys * math.sin(angle)) * np.float32(2 * math.pi / period)
-        weight = (0.5 + 0.5 * np.sin(phase))[..., None]
-    elif style == 1:
-        cells = int(rng.integers(2, 17))
+        wobble = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), period) * period
+        phase = (xs * math.cos(angle) + ys * math.sin(angle) + wobble) * np.float32(2 * math.pi / period)
+        weight = 0.5 + 0.5 * np.sin(phase + rng.uniform(0, 2 * math.pi))
+    elif kind == "blotches":
+        cells = int(style["cells"])
         coarse = rng.random((cells, cells)).astype(np.float32)
-        weight = np.clip(cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC), 0, 1)[..., None]
+        weight = np.clip(cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC), 0, 1)
+    elif kind == "speckle":
+        weight = rng.random((height, width), dtype=np.float32)
     else:
-        weight = rng.random((height, width, 1), dtype=np.float32)
-    texture = colours[0] + weight * (colours[1] - colours[0])
-    return np.clip(np.rint(texture), 0, 255).astype(np.uint8)
+        weight = np.zeros((height, width), np.float32)
+        for octave in range(int(style["octaves"])):
+            cells = float(style["cells"]) * 2**octave
+            weight += perlin_noise((height, width), (cells, cells), rng).astype(np.float32) / 2**octave
+        weight = np.clip(0.5 + weight, 0, 1)
+    contrast = np.float32(style["contrast"])
+    weight = (0.5 + contrast * (weight - 0.5))[..., None]
+    colours = style["colours"]
+    return np.clip(np.rint(colours[0] + weight * (colours[1] - colours[0])), 0, 255).astype(np.uint8)
+
+
+def _pattern(size: tuple[int, int], rng: np.random.Generator) -> UInt8Image:
+    """Draw a procedural texture of a random style."""
+    return _texture(_texture_style(rng), size, rng)
 
 
 def _polygon_blob(size: tuple[int, int], rng: np.random.Generator) -> BoolMask:
@@ -605,7 +643,11 @@ class ChangePairDataset(Dataset):
         size = config.image_size
         rng = np.random.default_rng([self.seed, int(index)])
         base = int(rng.integers(len(self.images)))
-        crop = _random_crop(self.images[base], (size, size), config.crop_scale, rng)
+        style = _texture_style(rng) if rng.random() < config.p_realization else None
+        if style is None:
+            crop = _random_crop(self.images[base], (size, size), config.crop_scale, rng)
+        else:
+            crop = _texture(style, (size, size), rng)
         draw = rng.random()
         drawn = OBJECT_KINDS[int(rng.integers(len(OBJECT_KINDS)))]
         if draw < config.p_local:
@@ -614,7 +656,7 @@ class ChangePairDataset(Dataset):
             drawn = "none"
         kind = kind or drawn
         clean, query, mask = self._change(crop, kind, base, rng)
-        prompt = self._prompt(clean, rng)
+        prompt = self._prompt(clean if style is None else _texture(style, (size, size), rng), rng)
         # Conversions stay in numpy: tiny torch operations are slow when the cores are shared with other processes.
         pair = ChangePair(
             prompt=torch.from_numpy(np.ascontiguousarray(prompt.transpose(2, 0, 1))),

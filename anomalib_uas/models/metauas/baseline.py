@@ -1,16 +1,17 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""A training-free one-shot baseline for MetaUAS: distance to the nearest prompt patch in encoder features.
+"""A training-free one-shot baseline for MetaUAS: L2 distance to the nearest prompt patch in encoder features.
 
-Each query position at strides 8 and 16 is scored by ``1 - max cosine similarity`` to all positions of the prompt
-images in the same encoder's features; the level maps are upsampled bilinearly to the input size and averaged. The
-image score is the map's maximum. Meta-training MetaUAS has to beat this to be worth its decoder.
+The features of strides 8 and 16 are each 3x3 average-pooled (a local neighbourhood per position, as in PatchCore),
+the stride-16 map is upsampled bilinearly to stride 8 and the two are concatenated. Each query position is scored
+by the Euclidean distance to the nearest position of the prompt images; the map is upsampled bilinearly to the
+input size and the image score is the maximum distance. Meta-training MetaUAS has to beat this to be worth its decoder.
 
 Example:
     >>> import torch
     >>> from anomalib_uas.models.metauas.baseline import PromptDistanceModel
     >>> from anomalib_uas.models.components.backbones import build_encoder
-    >>> model = PromptDistanceModel(build_encoder("efficientnet_lite0"))
+    >>> model = PromptDistanceModel(build_encoder("efficientnet_lite0", pretrained=True))
     >>> model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)).anomaly_map.shape
     torch.Size([1, 64, 64])
 """
@@ -28,17 +29,38 @@ __all__ = ["PromptDistanceModel"]
 
 
 class PromptDistanceModel(nn.Module):
-    """Nearest-prompt-patch cosine distance.
+    """Nearest-prompt-patch L2 distance on locally pooled multi-level features.
 
     Args:
-        encoder: A five-level encoder (see :func:`~anomalib_uas.models.components.backbones.build_encoder`).
-        levels: Encoder levels used (2 = stride 8, 3 = stride 16).
+        encoder: A five-level encoder (see :func:`~anomalib_uas.models.components.backbones.build_encoder`), with
+            its ImageNet weights.
+        levels: Encoder levels used (2 = stride 8, 3 = stride 16); all are resized to the first one's grid.
+        pool: Side of the average-pooling window applied to each level.
+        chunk: Query positions compared with the prompt bank at a time (bounds memory).
     """
 
-    def __init__(self, encoder: nn.Module, levels: Sequence[int] = (2, 3)) -> None:
+    def __init__(self, encoder: nn.Module, levels: Sequence[int] = (2, 3), pool: int = 3, chunk: int = 4096) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.levels = tuple(levels)
+        self.pool = pool
+        self.chunk = chunk
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled, concatenated patch features.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            ``[B, C, h, w]`` on the grid of the first level.
+        """
+        levels = self.encoder(images)
+        maps = [F.avg_pool2d(levels[level], self.pool, stride=1, padding=self.pool // 2) for level in self.levels]
+        size = maps[0].shape[-2:]
+        return torch.cat(
+            [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]], dim=1
+        )
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> InferenceBatch:
@@ -49,17 +71,13 @@ class PromptDistanceModel(nn.Module):
             prompts: Normalised prompts ``[k, 3, H, W]``.
 
         Returns:
-            ``anomaly_map`` ``[B, H, W]`` in ``[0, 2]`` and ``pred_score`` ``[B]``.
+            ``anomaly_map`` ``[B, H, W]`` (feature distances) and ``pred_score`` ``[B]`` (the largest distance).
         """
-        query_levels = self.encoder(images)
-        prompt_levels = self.encoder(prompts)
-        maps = []
-        for level in self.levels:
-            query = F.normalize(query_levels[level], dim=1)
-            prompt = F.normalize(prompt_levels[level], dim=1)
-            bank = prompt.permute(1, 0, 2, 3).flatten(1)  # [C, k*h*w]
-            similarity = torch.einsum("bchw,cn->bhwn", query, bank).amax(dim=-1)
-            distance = (1.0 - similarity).unsqueeze(1)
-            maps.append(F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False))
-        anomaly_map = torch.stack(maps).mean(dim=0).squeeze(1)
-        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
+        query = self.features(images)
+        batch, channels, height, width = query.shape
+        bank = self.features(prompts).permute(0, 2, 3, 1).reshape(-1, channels)
+        positions = query.permute(0, 2, 3, 1).reshape(-1, channels)
+        distances = torch.cat([torch.cdist(part, bank).amin(dim=1) for part in positions.split(self.chunk)])
+        distance = distances.view(batch, 1, height, width)
+        anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+        return InferenceBatch(pred_score=distances.view(batch, -1).amax(dim=1), anomaly_map=anomaly_map)

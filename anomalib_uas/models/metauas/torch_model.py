@@ -10,14 +10,15 @@ logit map at input resolution; its sigmoid is the anomaly map and its maximum th
 
 Prompt features live in a *prompt bank* of buffers, computed once and saved with the model. With ``retrieval``
 off every query uses the whole bank (k prompts); with it on, each query takes the ``k_shot`` bank entries whose
-global last-level features are closest in cosine similarity. Several prompts are combined by averaging their
-aligned features (the official multi-prompt path raises a NameError).
+global last-level features (:meth:`MetaUASModel.embed`) are closest in cosine similarity, and
+``last_prompt_index`` tells which entries each query of the last forward used. Several prompts are combined by
+averaging their aligned features (the official multi-prompt path raises a NameError).
 
 Example:
     >>> import torch
     >>> from anomalib_uas.models.metauas.torch_model import MetaUASModel
     >>> model = MetaUASModel(backbone="efficientnet_lite0", pretrained_backbone=False).eval()
-    >>> model.set_prompt_bank(torch.zeros(1, 3, 64, 64))
+    >>> model.set_prompts(torch.zeros(1, 3, 64, 64))
     >>> model(torch.zeros(2, 3, 64, 64)).anomaly_map.shape
     torch.Size([2, 64, 64])
 
@@ -248,6 +249,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         if k_shot < 1:
             msg = f"k_shot must be at least 1, got {k_shot}"
             raise ValueError(msg)
+        self.backbone = backbone
         self.encoder = build_encoder(backbone, pretrained=pretrained_backbone).eval()
         self.encoder.requires_grad_(train_encoder)
         self.train_encoder = train_encoder
@@ -259,6 +261,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         self.mask_head = nn.Conv2d(decoder_channels[-1], 1, kernel_size=1)
         self.k_shot = k_shot
         self.retrieval = retrieval
+        self.last_prompt_index: torch.Tensor | None = None
         for level in range(ALIGNED_LEVELS):
             self.register_buffer(f"prompt_bank_{level}", torch.empty(0))
 
@@ -287,7 +290,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         """
         bank = [getattr(self, f"prompt_bank_{level}") for level in range(ALIGNED_LEVELS)]
         if bank[0].numel() == 0:
-            msg = "MetaUAS has no prompt images: call set_prompt_bank() or pass prompt images to forward()."
+            msg = "MetaUAS has no prompt images: call set_prompts() or pass prompt images to forward()."
             raise RuntimeError(msg)
         return bank
 
@@ -296,7 +299,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         """Whether the prompt bank holds features.
 
         Returns:
-            ``True`` once :meth:`set_prompt_bank` ran (or a checkpoint with a bank was loaded).
+            ``True`` once :meth:`set_prompts` ran (or a checkpoint with a bank was loaded).
         """
         return self.prompt_bank_0.numel() > 0
 
@@ -325,7 +328,19 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             return self.encoder(images)
 
     @torch.no_grad()
-    def set_prompt_bank(self, images: torch.Tensor, batch_size: int = 16) -> None:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Global image embeddings: the spatial mean of the deepest encoder level (also used by retrieval).
+
+        Args:
+            images: Normalised images ``[N, 3, H, W]``.
+
+        Returns:
+            ``[N, D]`` embeddings (``D`` = channels of the deepest level).
+        """
+        return self.encode(images)[-1].mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def set_prompts(self, images: torch.Tensor, batch_size: int = 16) -> None:
         """Encode normal prompt images once and keep their aligned-level features as buffers.
 
         Args:
@@ -345,6 +360,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             for level in range(ALIGNED_LEVELS):
                 stacked = torch.cat([chunk[ALIGNED_LEVELS - 1 - level] for chunk in chunks])
                 setattr(self, f"prompt_bank_{level}", stacked.clone(memory_format=torch.contiguous_format))
+
+    set_prompt_bank = set_prompts  # the former name: the parity test and anomalib_uas.serving call it
 
     def select_prompts(self, deepest_query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Choose the bank entries each query aligns to.
@@ -409,6 +426,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         if prompt_images is None:
             bank = self.prompt_bank
             index = self.select_prompts(query_levels[-1], bank[0])
+            self.last_prompt_index = index
         else:
             if prompt_images.dim() == 4:
                 prompt_images = prompt_images.unsqueeze(1)
@@ -416,4 +434,5 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             prompt_levels = self.encode(prompt_images.flatten(0, 1))
             bank = [prompt_levels[-1 - level] for level in range(ALIGNED_LEVELS)]
             index = torch.arange(batch * shots, device=images.device).view(batch, shots)
+            self.last_prompt_index = None
         return self.segment(query_levels, bank, index)

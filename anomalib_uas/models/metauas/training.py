@@ -4,8 +4,11 @@
 
 :func:`train_metauas` runs ``Engine.fit`` with ``MetaUAS(meta_train=True)`` on a
 :class:`~anomalib_uas.synthesis.ChangePairDataModule`: frozen encoder (optionally trainable), BCE on the change logits,
-AdamW. Lightning checkpoints (``last.ckpt``, for resuming) and a checkpoint in the official state_dict format
-(loadable with :meth:`MetaUAS.from_official_checkpoint`) are written to the output folder.
+AdamW, channels-last tensors, OpenCV single-threaded while the pairs are made (its thread pool would compete with
+torch's for the same cores). Lightning checkpoints (``last.ckpt``, for resuming) and ``metauas.pth`` (the official
+state_dict format with the architecture and training size recorded, see
+:func:`~anomalib_uas.models.metauas.checkpoint.save_checkpoint`; loaded with :meth:`MetaUAS.from_checkpoint`) are
+written to the output folder.
 
 Example:
     >>> from anomalib_uas.models.metauas.training import train_metauas
@@ -18,24 +21,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 
-from anomalib_uas.models.metauas.checkpoint import to_official
+from anomalib_uas.models.metauas.checkpoint import save_checkpoint
 from anomalib_uas.models.metauas.lightning_model import MetaUAS
 from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
-from anomalib_uas.synthesis import ChangePairDataModule
+from anomalib_uas.synthesis import ChangePairDataModule, PairSynthesisConfig
 
-__all__ = ["OfficialFormatCheckpoint", "train_metauas"]
+__all__ = ["CHECKPOINT_FILENAME", "MetaUASCheckpoint", "train_metauas"]
 
-OFFICIAL_FILENAME = "metauas.pth"
+CHECKPOINT_FILENAME = "metauas.pth"
 
 
-class OfficialFormatCheckpoint(Callback):
-    """Write the network in the official MetaUAS state_dict format after every epoch and at the end of fitting.
+class MetaUASCheckpoint(Callback):
+    """Write the self-describing MetaUAS checkpoint after every epoch and at the end of fitting.
 
     Args:
         path: Output file.
@@ -45,12 +49,8 @@ class OfficialFormatCheckpoint(Callback):
         self.path = Path(path)
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".part")
-        torch.save(to_official(pl_module.model), partial)
-        partial.replace(self.path)
+        if trainer.is_global_zero:
+            save_checkpoint(pl_module.model, self.path, pl_module.hparams.image_size)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write after each epoch.
@@ -83,6 +83,7 @@ def train_metauas(
     learning_rate: float = 1e-3,
     weight_decay: float = 5e-4,
     sources: Sequence[str | Path] | None = None,
+    synthesis: dict[str, Any] | None = None,
     seed: int = 0,
     resume: bool = False,
     num_workers: int = 0,
@@ -107,6 +108,7 @@ def train_metauas(
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         sources: Image folders; ``None`` uses the images that ship with installed packages.
+        synthesis: :class:`~anomalib_uas.synthesis.PairSynthesisConfig` settings (``image_size`` is set here).
         seed: Seed of the pairs, their order and the initialisation.
         resume: Continue from ``last.ckpt`` in ``output_dir`` when it exists.
         num_workers: Data-loading workers.
@@ -119,7 +121,7 @@ def train_metauas(
         **engine_kwargs: Further Trainer arguments.
 
     Returns:
-        Path of the official-format checkpoint.
+        Path of ``metauas.pth``, loadable with :meth:`MetaUAS.from_checkpoint`.
     """
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
@@ -142,11 +144,12 @@ def train_metauas(
         batch_size=batch_size,
         num_workers=num_workers,
         seed=seed,
+        config=PairSynthesisConfig(**{**(synthesis or {}), "image_size": image_size}),
     )
-    official = output_dir / OFFICIAL_FILENAME
+    checkpoint = output_dir / CHECKPOINT_FILENAME
     checkpoints = [
         ModelCheckpoint(dirpath=output_dir, filename="metauas-{step}", save_last=True, every_n_train_steps=100),
-        OfficialFormatCheckpoint(official),
+        MetaUASCheckpoint(checkpoint),
     ]
     engine = Engine(
         default_root_dir=output_dir / "engine",
@@ -159,5 +162,10 @@ def train_metauas(
         **engine_kwargs,
     )
     last = output_dir / "last.ckpt"
-    engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
-    return official
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
+    finally:
+        cv2.setNumThreads(opencv_threads)
+    return checkpoint
