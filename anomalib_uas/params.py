@@ -118,12 +118,38 @@ class ModelsConfig(_Section):
         return value
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Range = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class PairSynthesis(_Section):
+    """``train.metauas.synthesis``: settings of the change-pair synthesis; unset keys keep the synthesis defaults."""
+
+    p_local: Fraction | None = None
+    p_object: Fraction | None = None
+    p_none: Fraction | None = None
+    p_pattern: Fraction | None = None
+    p_disappear_restore: Fraction | None = None
+    p_realization: Fraction | None = None
+    max_rotation: Annotated[float, Field(ge=0)] | None = None
+    max_translate: Fraction | None = None
+    color_jitter: Fraction | None = None
+    min_change: Annotated[int, Field(ge=0)] | None = None
+    perlin_threshold: float | None = None
+    perlin_scale_exponents: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+    scale_range: Range | None = None
+    crop_scale: Range | None = None
+    local_area: Range | None = None
+    blend_beta: Range | None = None
+    object_size: Range | None = None
+
+
 class MetaUASTraining(_Section):
     """``train.metauas``: the offline meta-training recipe (``weights.metauas: train``)."""
 
     backbone: str = "efficientnet_lite0"
     fusion: Literal["cat", "add", "absdiff"] = "absdiff"
-    decoder_channels: Annotated[list[PositiveInt], Field(min_length=5, max_length=5)] = [128, 64, 32, 32, 16]
+    decoder_channels: Annotated[list[PositiveInt], Field(min_length=5, max_length=5)] = [128, 64, 32, 16, 16]
     image_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
     max_steps: PositiveInt = 1500
     batch_size: PositiveInt = 8
@@ -131,6 +157,7 @@ class MetaUASTraining(_Section):
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
     sources: list[str] | None = None
+    synthesis: PairSynthesis = PairSynthesis()
     seed: int = 0
 
 

@@ -8,7 +8,7 @@ stochastic textures; ``objects``: parts of a motorcycle seen by two cameras) and
 seed, each category takes one seeded normal prompt; the metrics are averaged over the categories of a set, then
 given as mean +- std over the seeds. Two models see the same prompt:
 
-* **MetaUAS**: the checkpoint (default ``checkpoints/metauas/metauas.pth``, made by ``uas train metauas``), loaded
+* **MetaUAS**: the checkpoint (default ``checkpoints/metauas/metauas.pth``, made by ``uas weights metauas``), loaded
   with ``MetaUAS.from_checkpoint`` at ``--image-size``;
 * **nearest patch**: :class:`~anomalib_uas.models.metauas.baseline.PromptDistanceModel` on the ImageNet features of
   the same encoder (EfficientNet-Lite0 for the offline recipe), training-free.

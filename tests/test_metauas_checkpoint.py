@@ -81,7 +81,7 @@ def test_files_that_are_not_metauas_checkpoints_are_refused(tmp_path: Path, cont
 
 
 def test_missing_checkpoint_says_how_to_make_it(tmp_path: Path) -> None:
-    with pytest.raises(WeightsNotFoundError, match="uas train metauas"):
+    with pytest.raises(WeightsNotFoundError, match="uas weights metauas"):
         MetaUAS(weights=str(tmp_path / "metauas.pth"))
 
 

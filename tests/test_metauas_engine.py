@@ -188,7 +188,7 @@ def test_anomalib_cli_with_the_repo_config_runs_the_offline_checkpoint(
 ) -> None:
     missing = _cli_test(demo_root, demo_category, tmp_path)
     assert missing.returncode != 0
-    assert "uas train metauas" in " ".join((missing.stdout + missing.stderr).split())
+    assert "uas weights metauas" in " ".join((missing.stdout + missing.stderr).split())
     torch.manual_seed(0)
     trained = MetaUAS(image_size=64, fusion="absdiff", decoder_channels=(32, 16, 16, 16, 8))
     save_checkpoint(trained.model, tmp_path / "checkpoints" / "metauas" / "metauas.pth", image_size=64)

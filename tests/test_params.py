@@ -107,3 +107,12 @@ def test_unreadable_files_are_one_line(tmp_path: Path, text: str, expected: str)
 
 def test_missing_file(tmp_path: Path) -> None:
     assert "does not exist" in _error(tmp_path / "nope.yaml")
+
+
+def test_synthesis_settings_are_the_synthesis_config_fields() -> None:
+    from dataclasses import fields
+
+    from anomalib_uas.params import PairSynthesis
+    from anomalib_uas.synthesis import PairSynthesisConfig
+
+    assert set(PairSynthesis.model_fields) == {field.name for field in fields(PairSynthesisConfig)} - {"image_size"}

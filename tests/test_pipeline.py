@@ -124,7 +124,7 @@ FAILURES = [
     ("data", "data.categories", ["nope"], "data.categories ['nope'] are not demo categories"),
     ("weights@metauas", "weights.metauas", "metauas-1024", "weights.metauas = 'metauas-1024' is neither"),
     ("weights@metauas", "weights.metauas", "metauas-512", "metauas-512.ckpt"),
-    ("weights@metauas", "weights.metauas", "params.yaml", "Cannot read checkpoint"),
+    ("weights@metauas", "weights.metauas", "params.yaml", "params.yaml is not a MetaUAS checkpoint"),
     ("weights@inctrl", "weights.inctrl", "missing/inctrl.pyth", "weights.inctrl = 'missing/inctrl.pyth' is neither"),
     ("evaluate@metauas", "data.categories", ["nope"], "data.categories ['nope'] are not in data/dataset"),
     ("evaluate@metauas", "registry.champion_metric", "pixel_aupro", "registry.champion_metric = 'pixel_aupro'"),
@@ -158,6 +158,28 @@ def test_bad_input_is_one_line_and_loses_nothing(
     assert expected in errors[0]
     assert "Traceback" not in result.stderr
     assert _snapshot(root) == before
+
+
+def test_a_trained_checkpoint_as_weights_source_needs_no_architecture(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    original = (root / "params.yaml").read_text()
+    run_command(["dvc", "repro"], root, env)
+    trained = root / "trained-metauas.pth"
+    shutil.copy(root / "checkpoints" / "metauas" / "metauas.pth", trained)
+    params = yaml.safe_load(original)
+    params["weights"]["metauas"] = str(trained)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        run_command(["dvc", "repro", "--single-item", "weights@metauas"], root, env)
+        status = json.loads((root / "checkpoints" / "metauas" / "status.json").read_text())
+    finally:
+        (root / "params.yaml").write_text(original)
+        trained.unlink()
+    assert status["status"] == "ready"
+    architecture = {"backbone": "efficientnet_lite0", "fusion": "absdiff", "decoder_channels": [128, 64, 32, 16, 16]}
+    assert status["kwargs"] == architecture
+    assert status["description"].endswith("trained at 64 px")
+    assert status["checkpoint"] == "metauas.pth"
 
 
 @pytest.mark.parametrize(

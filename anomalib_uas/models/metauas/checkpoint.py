@@ -63,7 +63,7 @@ _OFFICIAL_SHAPES = {
     "mask_head.weight": (1, 48, 1, 1),
 }
 _MISSING_HINT = (
-    "The offline MetaUAS checkpoint is made by `uas train metauas` (or `dvc repro`) at "
+    "The offline MetaUAS checkpoint is made by `uas weights metauas` (or `dvc repro`) at "
     "checkpoints/metauas/metauas.pth; the official ones are metauas-256 and metauas-512."
 )
 

@@ -5,7 +5,9 @@
 Weights (``weights.metauas``): ``train`` meta-trains the offline recipe ``train.metauas`` on synthetic change pairs;
 ``metauas-256`` / ``metauas-512`` are the official files (``weights/metauas/<name>.ckpt``, the weights cache, or a
 sha256-checked download when online); anything else must be a local checkpoint file. MetaUAS is never skipped: a
-source that does not resolve fails the weights stage with the fix.
+source that does not resolve fails the weights stage with the fix. Every checkpoint is read for the architecture it
+records (:func:`~anomalib_uas.models.metauas.checkpoint.read_architecture`), so a file that is not a MetaUAS
+checkpoint fails before it counts as ready, and a trained checkpoint is built without architecture arguments.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anomalib_uas.models.metauas.checkpoint import OFFICIAL_BACKBONE
+from anomalib_uas.models.metauas.checkpoint import read_architecture
 from anomalib_uas.models.metauas.lightning_model import MetaUAS
-from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
 from anomalib_uas.models.spec import ModelFiles, ModelSpec
 from anomalib_uas.weights import OFFICIAL_WEIGHTS, WeightsError, WeightsNotFoundError, resolve_weights
 
@@ -27,11 +28,15 @@ if TYPE_CHECKING:
 
 __all__ = ["SPEC"]
 
-OFFICIAL_ARCHITECTURE = {
-    "backbone": OFFICIAL_BACKBONE,
-    "fusion": "cat",
-    "decoder_channels": list(OFFICIAL_DECODER_CHANNELS),
-}
+def _files(checkpoint: Path, description: str) -> ModelFiles:
+    """The checkpoint with the architecture it records (official files: the official one)."""
+    architecture = read_architecture(checkpoint)  # WeightsError: not a MetaUAS checkpoint
+    trained_at = architecture.pop("image_size")
+    return ModelFiles(
+        checkpoint=checkpoint,
+        kwargs=architecture,
+        description=description + (f", trained at {trained_at} px" if trained_at else ""),
+    )
 
 
 def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
@@ -44,9 +49,7 @@ def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
         except WeightsNotFoundError as exc:
             msg = f"{exc} In this repository you can also put it at {local}."
             raise WeightsError(msg) from exc
-        return ModelFiles(
-            checkpoint=path, kwargs=dict(OFFICIAL_ARCHITECTURE), description=f"official MetaUAS checkpoint {source}"
-        )
+        return _files(path, f"official MetaUAS checkpoint {source}")
     path = Path(source).expanduser()
     if not path.is_file():
         msg = (
@@ -54,9 +57,7 @@ def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
             "file: fix it in params.yaml"
         )
         raise WeightsError(msg)
-    return ModelFiles(
-        checkpoint=path, kwargs=dict(OFFICIAL_ARCHITECTURE), description=f"MetaUAS checkpoint {path.name}"
-    )
+    return _files(path, f"MetaUAS checkpoint {path}")
 
 
 def _train(params: Params, folder: Path, output: Path, engine_logger: Logger | bool) -> ModelFiles:
@@ -64,17 +65,14 @@ def _train(params: Params, folder: Path, output: Path, engine_logger: Logger | b
 
     del folder  # the offline recipe needs no file: its encoder weights come from an installed package
     recipe = params.train.metauas
-    checkpoint = train_metauas(output / "training", logger=engine_logger, **recipe.model_dump())
+    checkpoint = train_metauas(output / "training", logger=engine_logger, **recipe.model_dump(exclude_none=True))
     trained = output / "metauas.pth"
     shutil.copy(checkpoint, trained)
     shutil.rmtree(output / "training")
-    return ModelFiles(
-        checkpoint=trained,
-        kwargs={"backbone": recipe.backbone, "fusion": recipe.fusion, "decoder_channels": recipe.decoder_channels},
-        description=(
-            f"MetaUAS ({recipe.backbone}, {recipe.fusion} fusion) meta-trained offline on synthetic change pairs for "
-            f"{recipe.max_steps} steps at {recipe.image_size} px"
-        ),
+    return _files(
+        trained,
+        f"MetaUAS ({recipe.backbone}, {recipe.fusion} fusion) meta-trained offline on synthetic change pairs for "
+        f"{recipe.max_steps} steps",
     )
 
 

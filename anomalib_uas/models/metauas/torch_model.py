@@ -303,18 +303,6 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         """
         return self.prompt_bank_0.numel() > 0
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Global image embeddings: the mean of the deepest encoder level, for similarity search over images.
-
-        Args:
-            images: Normalised images ``[B, 3, H, W]``, H and W multiples of 32.
-
-        Returns:
-            ``[B, C]`` embeddings.
-        """
-        return self.encode(images)[-1].mean(dim=(2, 3))
-
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Run the encoder (without gradients unless ``train_encoder``).
 
