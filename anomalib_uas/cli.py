@@ -9,7 +9,10 @@
   skipped);
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
 * ``uas report``: ``reports/report.md`` and ``reports/report.html``;
-* ``uas review``: FiftyOne review datasets of every evaluation; ``uas review --launch DATASET`` serves the App;
+* ``uas review``: FiftyOne review datasets of every evaluation, updated in place (``--rebuild`` starts clean);
+  ``uas review --launch DATASET [--timeout S]`` serves the App and leaves no process behind;
+* ``uas predict FOLDER --category C``: score a folder with the category's champion (CSV, masks, heatmaps, an
+  offline contact sheet; ``--review`` adds the results to FiftyOne);
 * ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
   model over REST, refusing oversized request bodies.
 
@@ -55,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--launch", metavar="DATASET", help="Serve the App for this dataset (e.g. uas-metauas-brick).")
     review.add_argument("--view", default="false_positives", help="Saved view to open (%(default)s).")
     review.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
+    review.add_argument("--timeout", type=float, help="With --launch: stop the App after this many seconds.")
+    review.add_argument(
+        "--rebuild", action="store_true", help="Delete the review datasets first, with the reviewers' tags and fields."
+    )
+    predict = commands.add_parser("predict", help="Score a folder of images with a category's registered champion.")
+    predict.add_argument("folder", type=Path, help="Folder of images (searched recursively).")
+    predict.add_argument("--category", required=True, help="Category whose registered model scores the images.")
+    predict.add_argument("--model", choices=MODEL_NAMES, help="Use this model's best version (alias champion-<model>).")
+    predict.add_argument("--checkpoint", help="A logged model instead: models:/ or runs:/ URI, or MLflow model folder.")
+    predict.add_argument("--output", type=Path, help="Output folder (predict/<category>/<folder name>).")
+    predict.add_argument("--review", action="store_true", help="Add the results to the FiftyOne dataset uas-predict-C.")
     serve = commands.add_parser("serve", help="Serve a category's champion model over REST (MLflow's scoring server).")
     serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
@@ -79,6 +93,14 @@ def _serve(args: argparse.Namespace) -> None:
     serve(uri, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from anomalib_uas.predict import predict_folder
+
+    result = predict_folder(args.folder, args.category, args.model, args.checkpoint, args.output, args.review)
+    print(f"{result.images} images scored with {result.model_uri}: {result.flagged} flagged, {result.errors} errors")
+    print(f"Table: {result.csv}; contact sheet: {result.html}")
+
+
 def _run(args: argparse.Namespace) -> None:
     from anomalib_uas import pipeline
     from anomalib_uas.evaluation import format_table
@@ -87,13 +109,20 @@ def _run(args: argparse.Namespace) -> None:
         _serve(args)
         return
     if args.command == "review" and args.launch:
-        from anomalib_uas.review import launch_review
+        from anomalib_uas.review import serve_review
 
-        session = launch_review(args.launch, port=args.port, view=args.view)
         print(f"FiftyOne App: http://127.0.0.1:{args.port} (dataset {args.launch}, view {args.view}); Ctrl-C stops it")
-        session.wait()
+        serve_review(args.launch, port=args.port, view=args.view, timeout=args.timeout)
+        return
+    if args.command == "predict":
+        _predict(args)
         return
     params = pipeline.load_params(args.params)
+    if args.command == "review" and args.rebuild:
+        from anomalib_uas.review import dataset_name, delete_review_datasets
+
+        names = [dataset_name(m, c) for m in params["models"] for c in params["data"]["categories"]]
+        print(f"Deleted {delete_review_datasets(names)}")
     if args.command == "data":
         print(f"Dataset ready at {pipeline.prepare_data(params)}")
     elif args.command == "train":
