@@ -84,6 +84,7 @@ def _import_fiftyone() -> ModuleType:
 
 fo = _import_fiftyone()
 fob = importlib.import_module("fiftyone.brain")
+get_implied_field_kwargs = importlib.import_module("fiftyone.core.odm.utils").get_implied_field_kwargs
 F = fo.ViewField
 
 logger = logging.getLogger(__name__)
@@ -207,9 +208,12 @@ def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         msg = f"Each (image, model, category) may appear once; repeated: {duplicates[:3]}."
         raise ValueError(msg)
-    for field in KEY_FIELDS[1:]:
-        if not dataset.has_sample_field(field):
-            dataset.add_sample_field(field, fo.StringField)
+    declared = set(dataset.get_field_schema())
+    for record in records:  # fields new to the dataset are declared from their first value (None has no type)
+        for field, value in record.items():
+            if field not in declared and value is not None:
+                dataset.add_sample_field(field, **get_implied_field_kwargs(value))
+                declared.add(field)
     existing = {}
     if len(dataset):
         filepaths, models, categories, ids = dataset.values([*KEY_FIELDS, "id"])
@@ -218,6 +222,8 @@ def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]
     if updates:
         for sample in dataset.select(list(updates)).iter_samples(autosave=True):
             for field, value in updates[sample.id].items():
+                if field not in declared:  # None in every record
+                    continue
                 current = sample[field] if sample.has_field(field) else None
                 sample[field] = _update_label(current, value) if isinstance(current, fo.Label) else value
     new = [fo.Sample(**record) for key, record in zip(keys, records, strict=True) if key not in existing]
@@ -300,6 +306,9 @@ def build_review_dataset(
     if rebuild:
         delete_review_datasets([name])
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+    if len(dataset) and not dataset.has_sample_field("model"):  # built before samples carried their key
+        dataset.set_values("model", [model] * len(dataset))
+        dataset.set_values("category", [category] * len(dataset))
     thresholds = (image_threshold, pixel_threshold)
     records = [_record(saved, i, model, category, thresholds, media) for i in range(len(saved["image_path"]))]
     ids = upsert_samples(dataset, records)
@@ -394,7 +403,11 @@ def launch_review(name: str, port: int = 5151, address: str = "127.0.0.1", view:
     shown = dataset.load_saved_view(view) if view else dataset
     this = psutil.Process()
     before = {child.pid for child in this.children(recursive=True)}
-    session = fo.launch_app(shown, remote=True, address=address, port=port, auto=False)
+    try:
+        session = fo.launch_app(shown, remote=True, address=address, port=port, auto=False)
+    except BaseException:  # Ctrl-C while the server starts
+        _stop([child for child in this.children(recursive=True) if child.pid not in before])
+        raise
     started = [child for child in this.children(recursive=True) if child.pid not in before]
     logger.info("FiftyOne App: http://%s:%d", address, port)
     try:

@@ -220,6 +220,21 @@ def test_reviewer_work_survives_re_runs_and_removed_images_go_to_a_view(
         dataset.delete()
 
 
+def test_datasets_built_before_keyed_samples_keep_their_tags(evaluation: Path, demo_category: str) -> None:
+    saved = np.load(evaluation)
+    dataset = fo.Dataset(f"uas-legacy-{demo_category}", persistent=True)  # the layout of earlier versions
+    dataset.add_samples([fo.Sample(filepath=str(path)) for path in saved["image_path"]])
+    sample = dataset.first()
+    sample.tags.append("feedback:hard")
+    sample.save()
+    try:
+        dataset = build_review_dataset("legacy", demo_category, evaluation, image_threshold=0.5, pixel_threshold=0.5)
+        assert len(dataset) == len(saved["image_path"])
+        assert dataset.match_tags("feedback:hard").count() == 1
+    finally:
+        dataset.delete()
+
+
 def _open_event_stream(port: int, dataset: str) -> http.client.HTTPConnection:
     """Hold the App's event stream open, as a browser tab does."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
