@@ -10,7 +10,10 @@ modules (:mod:`anomalib_uas.stages`) with the default paths:
   skipped);
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
 * ``uas report``: ``reports/report.md`` and ``reports/report.html``;
-* ``uas review``: FiftyOne review datasets of every evaluation; ``uas review --launch DATASET`` serves the App;
+* ``uas review``: FiftyOne review datasets of every evaluation, updated in place (``--rebuild`` starts clean);
+  ``uas review --launch DATASET [--timeout S]`` serves the App and leaves no process behind;
+* ``uas predict FOLDER --category C``: score a folder with the category's champion (CSV, masks, heatmaps, an
+  offline contact sheet; ``--review`` adds the results to FiftyOne);
 * ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
   model over REST, refusing oversized request bodies.
 
@@ -25,7 +28,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from anomalib_uas.params import MODEL_NAMES
 from anomalib_uas.server import DEFAULT_MAX_BODY_MB
@@ -39,6 +43,8 @@ STAGES = {
     "report": "Comparison table of all models (reports/report.md and report.html).",
     "review": "Build the FiftyOne review datasets (--launch DATASET serves the App).",
 }
+# Failures of bad input: one line and exit code 2, never a traceback.
+INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGES.items():
         commands.add_parser(name, help=text)  # dispatched to the stage module before parsing (see main)
+    predict = commands.add_parser("predict", help="Score a folder of images with a category's registered champion.")
+    predict.add_argument("folder", type=Path, help="Folder of images (searched recursively).")
+    predict.add_argument("--category", required=True, help="Category whose registered model scores the images.")
+    predict.add_argument("--model", choices=MODEL_NAMES, help="Use this model's best version (alias champion-<model>).")
+    predict.add_argument("--checkpoint", help="A logged model instead: models:/ or runs:/ URI, or MLflow model folder.")
+    predict.add_argument("--output", type=Path, help="Output folder (predict/<category>/<folder name>).")
+    predict.add_argument("--review", action="store_true", help="Add the results to the FiftyOne dataset uas-predict-C.")
     serve = commands.add_parser("serve", help="Serve a category's champion model over REST (MLflow's scoring server).")
     serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
@@ -88,17 +101,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from anomalib_uas.predict import predict_folder
+
+    result = predict_folder(args.folder, args.category, args.model, args.checkpoint, args.output, args.review)
+    print(f"{result.images} images scored with {result.model_uri}: {result.flagged} flagged, {result.errors} errors")
+    print(f"Table: {result.csv}; contact sheet: {result.html}")
+    return 0
+
+
 def _launch(argv: Sequence[str]) -> int:
-    from anomalib_uas.review import launch_review
+    from anomalib_uas.review import serve_review
 
     parser = argparse.ArgumentParser(prog="uas review --launch", description="Serve the FiftyOne App.")
     parser.add_argument("--launch", metavar="DATASET", required=True, help="Dataset, e.g. uas-metauas-brick.")
     parser.add_argument("--view", default="false_positives", help="Saved view to open (%(default)s).")
     parser.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
+    parser.add_argument("--timeout", type=float, help="Stop the App after this many seconds.")
     args = parser.parse_args(argv)
-    session = launch_review(args.launch, port=args.port, view=args.view)
     print(f"FiftyOne App: http://127.0.0.1:{args.port} (dataset {args.launch}, view {args.view}); Ctrl-C stops it")
-    session.wait()
+    serve_review(args.launch, port=args.port, view=args.view, timeout=args.timeout)
     return 0
 
 
@@ -115,9 +137,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in STAGES:
         command, rest = argv[0], argv[1:]
         if command == "review" and any(a == "--launch" or a.startswith("--launch=") for a in rest):
-            return _launch(rest)
+            return _guarded(command, lambda: _launch(rest))
         return importlib.import_module(f"anomalib_uas.stages.{command}").cli(rest)
-    return _serve(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return _guarded(args.command, lambda: (_predict if args.command == "predict" else _serve)(args))
+
+
+def _guarded(command: str, run: Callable[[], int]) -> int:
+    """Run a command that is not a stage; bad input is one line and exit code 2."""
+    from anomalib_uas.weights import WeightsError
+
+    try:
+        return run()
+    except (*INPUT_ERRORS, WeightsError) as exc:
+        print(f"uas {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

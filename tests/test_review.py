@@ -1,22 +1,30 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""FiftyOne review datasets on the real embedded database, and the App in headless Chromium."""
+"""FiftyOne review datasets on the real embedded database: persistence of the reviewer's work, the App in headless
+Chromium, and an App launch that leaves no process behind."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import MetaUAS
-from anomalib_uas.review import SAVED_VIEWS, build_review_dataset, launch_review
+from anomalib_uas.review import SAVED_VIEWS, F, build_review_dataset, fo, launch_review
 
 pytestmark = pytest.mark.slow
 
@@ -129,8 +137,7 @@ def test_app_serves_the_false_positive_view(review, tmp_path: Path) -> None:
     if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
         pytest.fail("Debian's chromium and chromium-driver are needed for the App test: apt-get install them")
     port = _free_port()
-    session = launch_review(dataset.name, port=port, view="false_positives")
-    try:
+    with launch_review(dataset.name, port=port, view="false_positives"):
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
@@ -147,13 +154,124 @@ def test_app_serves_the_false_positive_view(review, tmp_path: Path) -> None:
         tiles = _grid_screenshot(f"{base}/datasets/{dataset.name}?view=false-positives", tmp_path / "fp.png")
         assert tiles == false_positives, f"the App shows {tiles} tiles for {false_positives} false positives"
         assert len(dataset) > false_positives  # so the tiles are the view's samples, not the whole dataset
-    finally:
-        session.close()
 
 
 def test_unknown_dataset_or_view_is_a_clear_error(review) -> None:
     dataset, _, _ = review
-    with pytest.raises(ValueError, match="No review dataset"):
-        launch_review("uas-nothing-here")
-    with pytest.raises(ValueError, match="no saved view"):
-        launch_review(dataset.name, view="nope")
+    with pytest.raises(ValueError, match="No review dataset"), launch_review("uas-nothing-here"):
+        pass
+    with pytest.raises(ValueError, match="no saved view"), launch_review(dataset.name, view="nope"):
+        pass
+
+
+def _subset(saved: np.lib.npyio.NpzFile, keep: np.ndarray, path: Path, shift: float = 0.0) -> Path:
+    arrays = {key: saved[key][keep] for key in saved.files}
+    arrays["pred_score"] = arrays["pred_score"] + shift
+    np.savez(path, **arrays)
+    return path
+
+
+def test_reviewer_work_survives_re_runs_and_removed_images_go_to_a_view(
+    evaluation: Path, demo_category: str, tmp_path: Path
+) -> None:
+    saved = np.load(evaluation)
+    threshold = float(np.median(saved["pred_score"]))
+    arguments = {"image_threshold": threshold, "pixel_threshold": 0.5, "media_dir": tmp_path / "media"}
+    dataset = build_review_dataset("persist", demo_category, evaluation, **arguments)
+    try:
+        normal = dataset.match(F("ground_truth.label") == "normal")
+        marked, dropped = normal.first(), normal.skip(1).first()
+        marked.tags.append("feedback:normal")
+        marked["reviewer_label"] = fo.Classification(label="scratch-free")
+        marked["comment"] = "texture, not a defect"
+        marked.prediction.tags.append("checked")
+        marked.save()
+        ids = set(dataset.values("id"))
+
+        dataset = build_review_dataset("persist", demo_category, evaluation, **arguments)  # same predictions
+        marked.reload()
+        assert set(dataset.values("id")) == ids
+        assert "feedback:normal" in marked.tags
+        assert marked.reviewer_label.label == "scratch-free"
+        assert marked.comment == "texture, not a defect"
+        assert marked.prediction.tags == ["checked"]
+
+        keep = np.array([path != dropped.filepath for path in saved["image_path"]])  # one image left the predictions
+        changed = _subset(saved, keep, tmp_path / "changed.npz", shift=0.01)
+        dataset = build_review_dataset("persist", demo_category, changed, **arguments)
+        marked.reload()
+        assert "feedback:normal" in marked.tags
+        assert marked.reviewer_label.label == "scratch-free"
+        assert marked.prediction.tags == ["checked"]
+        index = list(saved["image_path"]).index(marked.filepath)
+        assert marked.anomaly_score == pytest.approx(float(saved["pred_score"][index]) + 0.01, abs=1e-6)
+        assert len(dataset) == len(ids)
+        assert dataset.load_saved_view("removed").values("filepath") == [dropped.filepath]
+        counts = dataset.count_values("eval")
+        assert sum(n for key, n in counts.items() if key is not None) == int(keep.sum())  # removed: not evaluated
+        assert dropped.id not in dataset.load_saved_view("false_positives").values("id")
+        assert Path(dataset[dropped.id].anomaly_map.map_path).is_file()
+
+        dataset = build_review_dataset("persist", demo_category, changed, rebuild=True, **arguments)
+        assert len(dataset) == int(keep.sum())
+        assert dataset.match_tags("feedback:normal").count() == 0
+        assert len(dataset.load_saved_view("removed")) == 0
+    finally:
+        dataset.delete()
+
+
+def test_datasets_built_before_keyed_samples_keep_their_tags(evaluation: Path, demo_category: str) -> None:
+    saved = np.load(evaluation)
+    dataset = fo.Dataset(f"uas-legacy-{demo_category}", persistent=True)  # the layout of earlier versions
+    dataset.add_samples([fo.Sample(filepath=str(path)) for path in saved["image_path"]])
+    sample = dataset.first()
+    sample.tags.append("feedback:hard")
+    sample.save()
+    try:
+        dataset = build_review_dataset("legacy", demo_category, evaluation, image_threshold=0.5, pixel_threshold=0.5)
+        assert len(dataset) == len(saved["image_path"])
+        assert dataset.match_tags("feedback:hard").count() == 1
+    finally:
+        dataset.delete()
+
+
+def _open_event_stream(port: int, dataset: str) -> http.client.HTTPConnection:
+    """Hold the App's event stream open, as a browser tab does."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = json.dumps({"initializer": {"dataset": dataset}, "events": ["state_update"], "subscription": "test"})
+    connection.request("POST", "/events", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    response.read1(16)
+    return connection
+
+
+@pytest.mark.parametrize("stop", ["timeout", "sigint"])
+def test_launch_leaves_no_process_behind(review, stop: str) -> None:
+    dataset, _, _ = review
+    port = _free_port()
+    command = [sys.executable, "-m", "anomalib_uas.cli", "review", "--launch", dataset.name, "--port", str(port)]
+    command += ["--timeout", "8" if stop == "timeout" else "600"]
+    process = subprocess.Popen(command, env=os.environ.copy(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                stream = _open_event_stream(port, dataset.name)
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "the App did not come up"
+                time.sleep(0.5)
+        started = psutil.Process(process.pid).children(recursive=True)
+        assert any("--51-service" in child.cmdline() for child in started)
+        if stop == "sigint":
+            process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+        stream.close()
+        _, alive = psutil.wait_procs(started, timeout=2)
+        assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

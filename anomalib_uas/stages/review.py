@@ -29,8 +29,12 @@ from anomalib_uas.stages.status import model_kwargs, read_status
 __all__ = ["cli", "embeddings", "main"]
 
 
-def main(params_file: Path, checkpoints: Path, predictions: Path, media: Path, summary: Path) -> dict[str, Any]:
-    """Build the review datasets of every evaluated model and category.
+def main(
+    params_file: Path, checkpoints: Path, predictions: Path, media: Path, summary: Path, rebuild: bool = False
+) -> dict[str, Any]:
+    """Build, or update in place, the review datasets of every evaluated model and category.
+
+    Reviewers' tags, label fields and comments survive an update; ``rebuild`` starts clean.
 
     Args:
         params_file: ``params.yaml``.
@@ -38,6 +42,7 @@ def main(params_file: Path, checkpoints: Path, predictions: Path, media: Path, s
         predictions: The predictions folder (``<model>/evaluation.json`` and ``<model>/<category>/``).
         media: Output folder for the mask and heatmap PNGs the App shows.
         summary: Output JSON: per dataset the counts of samples, false positives and false negatives.
+        rebuild: Delete each dataset first, with the reviewers' work.
 
     Returns:
         The summary.
@@ -72,6 +77,7 @@ def main(params_file: Path, checkpoints: Path, predictions: Path, media: Path, s
                     media_dir=media / model / category,
                     image_threshold=evaluation["thresholds"][category]["image_threshold"],
                     pixel_threshold=evaluation["thresholds"][category]["pixel_threshold"],
+                    rebuild=rebuild,
                 )
                 found = dataset.count_values("eval")
                 counts[dataset.name] = {"FP": found.get("FP", 0), "FN": found.get("FN", 0), "samples": len(dataset)}
@@ -113,9 +119,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predictions", type=Path, default=Path("predictions"), help="Predictions (%(default)s).")
     parser.add_argument("--media", type=Path, default=Path("review"), help="Mask/heatmap PNGs (%(default)s).")
     parser.add_argument("--summary", type=Path, default=Path("reports/review.json"), help="Summary (%(default)s).")
+    parser.add_argument("--rebuild", action="store_true", help="Delete the datasets first, with the reviewers' work.")
 
     def run(args: argparse.Namespace) -> str:
-        counts = main(args.params, args.checkpoints, args.predictions, args.media, args.summary)
+        counts = main(args.params, args.checkpoints, args.predictions, args.media, args.summary, args.rebuild)
         return "\n".join(
             f"{name}: {c['samples']} samples, {c['FP']} false positives, {c['FN']} false negatives"
             for name, c in counts.items()

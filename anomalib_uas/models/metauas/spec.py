@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SPEC"]
 
+
 def _files(checkpoint: Path, description: str) -> ModelFiles:
     """The checkpoint with the architecture it records (official files: the official one)."""
     architecture = read_architecture(checkpoint)  # WeightsError: not a MetaUAS checkpoint
