@@ -32,7 +32,7 @@ KWARGS = {"image_size": 64, "backbone": "efficientnet_lite0", "k_shot": 1, "prom
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_category: str) -> Iterator[dict]:
+def registered(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_category: str) -> Iterator[dict]:
     """Version 1 at threshold 0.5; version 2, the champion, at the median score of the folder."""
     root = tmp_path_factory.mktemp("predict")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -84,22 +84,22 @@ def _rows(table: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_predict_writes_table_maps_contact_sheet_and_review_dataset(registry: dict, demo_category: str) -> None:
+def test_predict_writes_table_maps_contact_sheet_and_review_dataset(registered: dict, demo_category: str) -> None:
     from anomalib_uas.review import fo
 
-    output = registry["root"] / "out"
-    command = [sys.executable, "-m", "anomalib_uas.cli", "predict", str(registry["folder"]), "--category",
+    output = registered["root"] / "out"
+    command = [sys.executable, "-m", "anomalib_uas.cli", "predict", str(registered["folder"]), "--category",
                demo_category, "--output", str(output), "--review"]  # fmt: skip
     result = subprocess.run(command, env=os.environ.copy(), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert re.search(r"uas predict .*\d+/\d+ \[", result.stderr), "no progress bar"
-    champion = f"models:/{registry['name']}/{registry['versions'][1]}"
+    champion = f"models:/{registered['name']}/{registered['versions'][1]}"
     assert champion in result.stdout
 
     rows = _rows(output / "predictions.csv")
     assert tuple(rows[0]) == COLUMNS
-    reference, threshold = registry["reference"], registry["threshold"]
-    assert [row["path"] for row in rows] == sorted([*reference, str(registry["folder"] / "broken.png")])
+    reference, threshold = registered["reference"], registered["threshold"]
+    assert [row["path"] for row in rows] == sorted([*reference, str(registered["folder"] / "broken.png")])
     broken = next(row for row in rows if row["path"].endswith("broken.png"))
     assert "Cannot read" in broken["error"]
     assert broken["score"] == ""
@@ -131,16 +131,16 @@ def test_predict_writes_table_maps_contact_sheet_and_review_dataset(registry: di
         assert Path(sample.pred_mask.mask_path).is_file()
         sample.tags.append("feedback:normal")
         sample.save()
-        predict_folder(registry["folder"], demo_category, output=output, review=True)  # scored again: updated
+        predict_folder(registered["folder"], demo_category, output=output, review=True)  # scored again: updated
         assert len(dataset) == len(scored)
         assert "feedback:normal" in dataset[sample.id].tags
     finally:
         dataset.delete()
 
 
-def test_predict_with_another_logged_model(registry: dict, demo_category: str, tmp_path: Path) -> None:
-    uri = f"models:/{registry['name']}/{registry['versions'][0]}"
-    result = predict_folder(registry["folder"], demo_category, checkpoint=uri, output=tmp_path)
+def test_predict_with_another_logged_model(registered: dict, demo_category: str, tmp_path: Path) -> None:
+    uri = f"models:/{registered['name']}/{registered['versions'][0]}"
+    result = predict_folder(registered["folder"], demo_category, checkpoint=uri, output=tmp_path)
     assert result.model_uri == uri
     rows = [row for row in _rows(result.csv) if not row["error"]]
     assert {float(row["threshold"]) for row in rows} == {0.5}
@@ -157,10 +157,10 @@ def test_predict_with_another_logged_model(registry: dict, demo_category: str, t
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
-    registry: dict, demo_category: str, arguments: list[str], message: str, capsys: pytest.CaptureFixture
+    registered: dict, demo_category: str, arguments: list[str], message: str, capsys: pytest.CaptureFixture
 ) -> None:
-    (registry["root"] / "empty").mkdir(exist_ok=True)
-    argv = ["predict", *(a.format(root=registry["root"], category=demo_category) for a in arguments)]
+    (registered["root"] / "empty").mkdir(exist_ok=True)
+    argv = ["predict", *(a.format(root=registered["root"], category=demo_category) for a in arguments)]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("uas predict: error:")
@@ -169,9 +169,9 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_missing_tracking_store_is_one_line(
-    registry: dict, demo_category: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    registered: dict, demo_category: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registry['root'] / 'nothing.db'}")
-    assert main(["predict", str(registry["folder"]), "--category", demo_category]) == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registered['root'] / 'nothing.db'}")
+    assert main(["predict", str(registered["folder"]), "--category", demo_category]) == 2
     assert "No MLflow store" in capsys.readouterr().err
-    assert not (registry["root"] / "nothing.db").exists()
+    assert not (registered["root"] / "nothing.db").exists()
