@@ -7,8 +7,9 @@ working directory (MLflow 3.x refuses the ``./mlruns`` file store). Artifacts go
 run is tagged with the git commit (MLflow does it), the DVC hashes of the dataset and the checkpoint it used, the
 DVC stage and the DVC experiment name.
 
-Registry: :func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving`)
-and registers it as a version of ``anomalib-uas-<category>``; :func:`update_champion` keeps the aliases
+Registry: :func:`register_model` logs a category's model as a self-contained pyfunc
+(:mod:`anomalib_uas.serving.pyfunc`), with the exported ONNX graph it serves, and registers it as a version of
+``anomalib-uas-<category>``; :func:`update_champion` keeps the aliases
 ``champion`` (best version over all models) and ``champion-<model>`` (each model's best) on a chosen metric.
 
 Example:
@@ -202,7 +203,8 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
     """Log a category's model as an MLflow pyfunc, register it and update the champion aliases.
 
     Must run inside an active run (see :func:`stage_run`). The version is self-contained: its checkpoint, CLIP
-    weights and prompt images are copied into the model's artifacts.
+    weights and prompt images are copied into the model's artifacts, with the ONNX graph it serves (exported here
+    and checked against the eager model).
 
     Args:
         servable: The model and its files.
@@ -214,9 +216,10 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
 
     Raises:
         ValueError: A prompted model without prompt images.
+        RuntimeError: The exported graph does not reproduce the eager model.
     """
     from anomalib_uas.models.loading import PROMPTED_MODELS
-    from anomalib_uas.serving import SIGNATURE, UASPyfuncModel
+    from anomalib_uas.serving.pyfunc import SIGNATURE, UASPyfuncModel, export_servable
 
     if servable.model in PROMPTED_MODELS and not servable.prompt_paths:
         msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
@@ -233,6 +236,8 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
             artifacts["prompts"] = str(staging / "prompts")
         if servable.clip_weights is not None:
             artifacts["clip"] = str(servable.clip_weights)
+        graph = export_servable(servable.config, artifacts, servable.example_image, staging / "graph.onnx")
+        artifacts["graph"] = str(graph)
         info = mlflow.pyfunc.log_model(
             name=f"{servable.model}-{servable.category}",
             python_model=UASPyfuncModel(),
@@ -246,6 +251,7 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
                 "torchvision==0.29.1",
                 "timm",
                 "open_clip_torch>=3,<4",
+                "onnxruntime>=1.20",
                 "pillow",
             ],
             registered_model_name=name,
