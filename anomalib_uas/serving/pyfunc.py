@@ -256,6 +256,13 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
                 if len(pending) >= self.batcher.max_batch:  # bounded memory for long (Spark) inputs
                     concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             return [self._output(*self._result(future), map_format) for future in futures]
+        except Cancelled:
+            logger.warning(
+                "Stopped the work of a request that timed out or whose client left, after %d of its %d rows",
+                len(futures),
+                len(rows),
+            )
+            raise
         except BaseException:
             cancel.set()
             raise
