@@ -236,7 +236,7 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
             artifacts["prompts"] = str(staging / "prompts")
         if servable.clip_weights is not None:
             artifacts["clip"] = str(servable.clip_weights)
-        graph = export_servable(servable.config, artifacts, servable.example_image, staging / "graph.onnx")
+        graph = export_servable(servable.config, artifacts, servable.example_image, staging / "graph")
         artifacts["graph"] = str(graph)
         info = mlflow.pyfunc.log_model(
             name=f"{servable.model}-{servable.category}",

@@ -124,20 +124,20 @@ def load_servable(config: Mapping[str, Any], artifacts: Mapping[str, str]) -> An
     return module
 
 
-def export_servable(config: Mapping[str, Any], artifacts: Mapping[str, str], example_image: Path, path: Path) -> Path:
+def export_servable(config: Mapping[str, Any], artifacts: Mapping[str, str], example_image: Path, folder: Path) -> Path:
     """Export the graph a registered version serves: the model as :func:`load_servable` builds it.
 
     Args:
         config: The registered config.
         artifacts: Local paths of the version's other artifacts.
         example_image: An image of the category, to trace and check the graph with.
-        path: The ``.onnx`` file to write.
+        folder: The graph folder to write.
 
     Returns:
-        ``path``.
+        ``folder``.
     """
     module = load_servable(config, artifacts)
-    return export_graph(module.model, module.pre_processor.transform(read_image(example_image)), path)
+    return export_graph(module.model, module.pre_processor.transform(read_image(example_image)), folder)
 
 
 def _present(value: object) -> bool:

@@ -13,7 +13,7 @@ or whose client left is dropped before it runs.
 
 Example:
     >>> from anomalib_uas.serving.runtime import GraphRunner, MicroBatcher
-    >>> batcher = MicroBatcher(GraphRunner("graph.onnx"))  # doctest: +SKIP
+    >>> batcher = MicroBatcher(GraphRunner("graph/"))  # doctest: +SKIP
     >>> score, anomaly_map = batcher.submit(image, cancel).result()  # doctest: +SKIP
 """
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GRAPH_ATOL", "EagerRunner", "GraphRunner", "MicroBatcher", "export_graph"]
 
+GRAPH_FILE = "model.onnx"
 GRAPH_INPUT = "images"
 GRAPH_OUTPUTS = ("pred_score", "anomaly_map")
 GRAPH_ATOL = 1e-5
@@ -85,12 +86,13 @@ class GraphRunner:
     """An exported graph run by ONNX Runtime on the CPU, with as many threads as torch uses.
 
     Args:
-        path: The ``.onnx`` file.
+        path: The graph folder (``model.onnx``, and its weights file when they exceed 2 GB) or the ``.onnx`` file.
     """
 
     def __init__(self, path: str | Path) -> None:
         import onnxruntime
 
+        path = Path(path) / GRAPH_FILE if Path(path).is_dir() else Path(path)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -109,16 +111,16 @@ class GraphRunner:
         return scores, maps
 
 
-def export_graph(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+def export_graph(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
     """Export a torch model's eval forward to ONNX (dynamic batch) and check it against eager outputs.
 
     Args:
         model: The torch model in eval mode, with its prompts and text features set (they become constants).
         example: One pre-processed image ``[3, H, W]`` (the graph keeps this input size).
-        path: The ``.onnx`` file to write.
+        folder: Folder to write ``model.onnx`` to (with a separate weights file when they exceed 2 GB).
 
     Returns:
-        ``path``.
+        ``folder``.
 
     Raises:
         RuntimeError: ONNX Runtime's outputs differ from eager ones by more than :data:`GRAPH_ATOL`.
@@ -137,8 +139,9 @@ def export_graph(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
             opset_version=18,
             verbose=False,
         )
-    program.save(str(path))
-    runner, eager = GraphRunner(path), EagerRunner(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    program.save(str(folder / GRAPH_FILE))
+    runner, eager = GraphRunner(folder), EagerRunner(model)
     for images in (batch[:1], batch):
         for exported, expected, name in zip(runner(images), eager(images), GRAPH_OUTPUTS, strict=True):
             difference = float(np.abs(exported - expected).max())
@@ -148,7 +151,7 @@ def export_graph(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
                     f"(shapes {exported.shape}, {expected.shape}); at most {GRAPH_ATOL:g} is accepted."
                 )
                 raise RuntimeError(msg)
-    return path
+    return folder
 
 
 @dataclass
