@@ -529,7 +529,7 @@ def test_requests_beyond_the_in_flight_limit_get_503_with_retry_after(
     assert status == 200
 
 
-def test_work_stops_when_a_request_times_out_or_its_client_leaves(
+def test_work_stops_when_a_request_times_out_or_its_client_leaves_and_slow_bodies_time_out(
     registry: dict, demo_category: str, tmp_path: Path
 ) -> None:
     options = ["--timeout", "0.3", "--max-rows", "64", "--max-megapixels", "300", "--max-body-mb", "64"]
@@ -553,6 +553,14 @@ def test_work_stops_when_a_request_times_out_or_its_client_leaves(
         left.close()
         time.sleep(3)
         assert _ping(process.port) == 200
+
+        held = _held_request(process.port)  # a body that never arrives loses its place after the timeout
+        answer = b""
+        while b"}" not in answer and (chunk := held.recv(4096)):
+            answer += chunk
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"did not arrive within 0.3 s" in answer
     finally:
         log = process.stop()
     stopped = [line for line in log.splitlines() if "Stopped the work" in line]

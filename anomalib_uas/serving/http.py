@@ -10,7 +10,8 @@
   is read, so memory stays bounded at any number of clients;
 * bodies over ``max_body_bytes`` get 413 before they are read whole (declared or streamed);
 * rows and megapixels per request are bounded (413), images by format and aspect ratio (400);
-* a request that outlives ``timeout_s`` gets 504, and its work stops when it or its client gives up;
+* a body that does not arrive within ``timeout_s`` gets 408; a request that outlives it gets 504, and its work
+  stops when it or its client gives up;
 * ``image_path`` is read only under ``image_root``.
 
 Every refused request gets a 4xx JSON ``{"error_code", "message"}`` naming the problem and the fix, never a stack
@@ -162,9 +163,12 @@ class ScoringApp:
             return
         self.in_flight += 1
         try:
-            body = await self._body(headers, receive, send)
+            body = await asyncio.wait_for(self._body(headers, receive, send), self.limits.timeout_s)
             if body is not None:
                 await self._score(body, receive, send)
+        except asyncio.TimeoutError:  # a body that does not arrive must not hold its place in flight
+            message = f"The request body did not arrive within {self.limits.timeout_s:g} s (uas serve --timeout)."
+            await _error(send, 408, "REQUEST_TIMEOUT", message)
         finally:
             self.in_flight -= 1
 
