@@ -15,7 +15,7 @@ modules (:mod:`anomalib_uas.stages`) with the default paths:
 * ``uas predict FOLDER --category C``: score a folder with the category's champion (CSV, masks, heatmaps, an
   offline contact sheet; ``--review`` adds the results to FiftyOne);
 * ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
-  model over REST, refusing oversized request bodies.
+  model over REST on its exported graph, with bounded requests (body, rows, megapixels, requests in flight).
 
 Each stage takes ``--help`` for its own options. Bad input exits with code 2 and one line that says what to fix.
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from anomalib_uas.params import MODEL_NAMES
-from anomalib_uas.server import DEFAULT_MAX_BODY_MB
+from anomalib_uas.serving import limits
 
 __all__ = ["build_parser", "main"]
 
@@ -74,7 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5055, help="Port (%(default)s).")
     serve.add_argument("--model", choices=MODEL_NAMES, help="Serve this model's best version (alias champion-<model>).")
     serve.add_argument(
-        "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, help="Larger request bodies get 413 (%(default)s)."
+        "--max-body-mb", type=float, default=limits.DEFAULT_MAX_BODY_MB, help="Larger bodies get 413 (%(default)s)."
+    )
+    serve.add_argument(
+        "--max-rows", type=int, default=limits.DEFAULT_MAX_ROWS, help="More rows per request get 413 (%(default)s)."
+    )
+    serve.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=limits.DEFAULT_MAX_MEGAPIXELS,
+        help="More megapixels per request (all images) get 413 (%(default)s).",
+    )
+    serve.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=limits.DEFAULT_MAX_IN_FLIGHT,
+        help="Requests handled at once; more get 503 with Retry-After (%(default)s).",
+    )
+    serve.add_argument(
+        "--timeout", type=float, default=limits.DEFAULT_TIMEOUT_S, help="Seconds per request, then 504 (%(default)s)."
+    )
+    serve.add_argument(
+        "--image-root", type=Path, help="Folder whose images requests may name by image_path (default: none may)."
     )
     return parser
 
@@ -83,7 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
     import mlflow
 
     from anomalib_uas import registry, tracking
-    from anomalib_uas.server import serve
+    from anomalib_uas.serving import Limits
+    from anomalib_uas.serving.http import serve
 
     mlflow.set_tracking_uri(tracking.tracking_uri())  # resolves models:/<name>@<alias>
     alias = "champion" if args.model is None else f"champion-{args.model}"
@@ -95,9 +117,20 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.image_root is not None and not args.image_root.is_dir():
+        msg = f"--image-root {args.image_root} is not a folder; give the folder whose images requests may name."
+        raise ValueError(msg)
+    bounds = Limits(
+        max_body_bytes=int(args.max_body_mb * 1_000_000),
+        max_rows=args.max_rows,
+        max_megapixels=args.max_megapixels,
+        max_in_flight=args.max_in_flight,
+        timeout_s=args.timeout,
+        image_root=args.image_root,
+    )
     uri = f"models:/{name}@{alias}"
     print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
-    serve(uri, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
+    serve(uri, host=args.host, port=args.port, limits=bounds)
     return 0
 
 

@@ -2,10 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """The MLflow model registry of evaluated models, with champion aliases.
 
-:func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving`) and registers
-it as a version of ``anomalib-uas-<category>``; :func:`update_champion` keeps the aliases ``champion`` (best version
-over all models) and ``champion-<model>`` (each model's best) on a chosen metric. An alias moves only to a version
-whose metric is finite and strictly better than the current holder's.
+:func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving.pyfunc`), with
+the exported ONNX graph it serves, and registers it as a version of ``anomalib-uas-<category>``;
+:func:`update_champion` keeps the aliases ``champion`` (best version over all models) and ``champion-<model>`` (each
+model's best) on a chosen metric. An alias moves only to a version whose metric is finite and strictly better than
+the current holder's.
 
 Example:
     >>> from anomalib_uas.registry import registered_name
@@ -73,8 +74,9 @@ class ServableModel:
 def register_model(servable: ServableModel, metrics: dict[str, float], champion_metric: str) -> ModelVersion:
     """Log a category's model as an MLflow pyfunc, register it and update the champion aliases.
 
-    Must run inside an active run (see :func:`stage_run`). The version is self-contained: its checkpoint, CLIP
-    weights and prompt images are copied into the model's artifacts.
+    Must run inside an active run (see :func:`~anomalib_uas.tracking.stage_run`). The version is self-contained:
+    its checkpoint, CLIP weights and prompt images are copied into the model's artifacts, with the ONNX graph it
+    serves (exported here and checked against the eager model).
 
     Args:
         servable: The model and its files.
@@ -86,12 +88,13 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
 
     Raises:
         ValueError: A prompted model without prompt images, or metrics without the champion metric.
+        RuntimeError: The exported graph does not reproduce the eager model.
     """
     if champion_metric not in metrics:
         msg = f"registry.champion_metric {champion_metric!r} is not among the metrics {sorted(metrics)}: fix it"
         raise ValueError(msg)
     from anomalib_uas.models import get_spec
-    from anomalib_uas.serving import SIGNATURE, UASPyfuncModel
+    from anomalib_uas.serving.pyfunc import SIGNATURE, UASPyfuncModel, export_servable
 
     if get_spec(servable.model).takes_prompts and not servable.prompt_paths:
         msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
@@ -108,6 +111,8 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
             artifacts["prompts"] = str(staging / "prompts")
         if servable.clip_weights is not None:
             artifacts["clip"] = str(servable.clip_weights)
+        graph = export_servable(servable.config, artifacts, servable.example_image, staging / "graph")
+        artifacts["graph"] = str(graph)
         info = mlflow.pyfunc.log_model(
             name=f"{servable.model}-{servable.category}",
             python_model=UASPyfuncModel(),
@@ -121,6 +126,7 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
                 "torchvision==0.29.1",
                 "timm",
                 "open_clip_torch>=3,<4",
+                "onnxruntime>=1.20",
                 "pillow",
             ],
             registered_model_name=name,

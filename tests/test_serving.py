@@ -1,9 +1,11 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Registry, pyfunc, real REST servers on loopback, and Spark batch scoring, for all three models.
+"""Registry, pyfunc on the exported graph, real ``uas serve`` processes on loopback, and Spark batch scoring.
 
 MetaUAS runs with its real offline EfficientNet-Lite0 encoder; InCTRL and FAPrompt with tiny random CLIP
-configurations saved in their official file formats.
+configurations saved in their official file formats. Every bound of a served request is checked against a real
+server: rows, megapixels, aspect ratio, body size, requests in flight, timeouts and clients that leave, image
+formats, ``image_path`` and malformed payloads.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from anomalib_uas import tracking
+from anomalib_uas import registry, tracking
 from anomalib_uas.data.images import read_image
 from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
 from anomalib_uas.models.inctrl.checkpoint import to_official as inctrl_official
@@ -78,7 +80,7 @@ def _model_files(root: Path) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_category: str) -> Iterator[dict]:
+def registered(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_category: str) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
@@ -90,7 +92,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_cat
     prompts = {"metauas": normal[:1], "inctrl": normal[:2], "faprompt": []}
     versions = {}
     for model in ("metauas", "inctrl", "faprompt"):
-        servable = tracking.ServableModel(
+        servable = registry.ServableModel(
             model=model,
             category=demo_category,
             checkpoint=files[model]["checkpoint"],
@@ -106,7 +108,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_cat
             example_image=normal[0],
         )
         with tracking.stage_run("evaluate", model, {"evaluate": {"k_shot": 1}}):
-            versions[model] = tracking.register_model(servable, {"pixel_AUPRO": CHAMPION_METRIC[model]}, "pixel_AUPRO")
+            versions[model] = registry.register_model(servable, {"pixel_AUPRO": CHAMPION_METRIC[model]}, "pixel_AUPRO")
     os.chdir(cwd)
     yield {
         "uri": uri,
@@ -122,17 +124,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_cat
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
-def _reference(registry: dict, model: str, query: Path, prompts: list[Path] | None = None) -> Any:
+def _reference(registered: dict, model: str, query: Path, prompts: list[Path] | None = None) -> Any:
     """The model built from the same files outside MLflow; ``prompts`` replace the registered ones."""
-    files = registry["files"][model]
+    files = registered["files"][model]
     module = load_model(model, files["checkpoint"], files["clip"], visualizer=False, **KWARGS[model])
     transform = module.pre_processor.transform
     with torch.no_grad():
         if model == "metauas":
-            module.model.set_prompt_bank(transform(read_image(registry["prompts"][model][0]))[None])
+            module.model.set_prompt_bank(transform(read_image(registered["prompts"][model][0]))[None])
         elif model == "inctrl":
-            module.model.set_prompts(torch.stack([transform(read_image(p)) for p in registry["prompts"][model]]))
-            module.model.set_category(registry["category"])
+            module.model.set_prompts(torch.stack([transform(read_image(p)) for p in registered["prompts"][model]]))
+            module.model.set_category(registered["category"])
         image = transform(read_image(query))[None]
         if prompts is None:
             return module.model(image)
@@ -144,14 +146,14 @@ def _queries(demo_root: Path, category: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(registry: dict) -> Any:
-    return lambda model, query, prompts=None: _reference(registry, model, query, prompts)
+def reference(registered: dict) -> Any:
+    return lambda model, query, prompts=None: _reference(registered, model, query, prompts)
 
 
-def test_champion_aliases_follow_the_metric(registry: dict, demo_category: str) -> None:
-    client = mlflow.MlflowClient(registry["uri"])
-    name = tracking.registered_name(demo_category)
-    versions = registry["versions"]
+def test_champion_aliases_follow_the_metric(registered: dict, demo_category: str) -> None:
+    client = mlflow.MlflowClient(registered["uri"])
+    name = registry.registered_name(demo_category)
+    versions = registered["versions"]
     assert client.get_model_version_by_alias(name, "champion").version == versions["metauas"].version
     for model, version in versions.items():
         aliased = client.get_model_version_by_alias(name, f"champion-{model}")
@@ -160,34 +162,37 @@ def test_champion_aliases_follow_the_metric(registry: dict, demo_category: str) 
     second = client.create_model_version(name, versions["inctrl"].source, run_id=versions["inctrl"].run_id)
     client.set_model_version_tag(name, second.version, "uas.model", "inctrl")
     client.set_model_version_tag(name, second.version, "pixel_AUPRO", "0.9")
-    mlflow.set_tracking_uri(registry["uri"])
-    assert tracking.update_champion(name, "pixel_AUPRO") == second.version
+    mlflow.set_tracking_uri(registered["uri"])
+    assert registry.update_champion(name, "pixel_AUPRO") == second.version
     assert client.get_model_version_by_alias(name, "champion-inctrl").version == second.version
     assert client.get_model_version_by_alias(name, "champion-metauas").version == versions["metauas"].version
     client.set_model_version_tag(name, second.version, "pixel_AUPRO", "0.1")
-    assert tracking.update_champion(name, "pixel_AUPRO") == versions["metauas"].version
+    assert registry.update_champion(name, "pixel_AUPRO") == versions["metauas"].version
     assert client.get_model_version_by_alias(name, "champion-inctrl").version == versions["inctrl"].version
 
 
-def test_registered_versions_are_self_contained(registry: dict, demo_category: str) -> None:
-    mlflow.set_tracking_uri(registry["uri"])
-    name = tracking.registered_name(demo_category)
-    for model, version in registry["versions"].items():
+def test_registered_versions_are_self_contained(registered: dict, demo_category: str) -> None:
+    mlflow.set_tracking_uri(registered["uri"])
+    name = registry.registered_name(demo_category)
+    for model, version in registered["versions"].items():
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
         artifacts = {path.name for path in (folder / "artifacts").iterdir()}
-        expected = {"config.json", registry["files"][model]["checkpoint"].name}
-        expected |= {"prompts"} if registry["prompts"][model] else set()
-        expected |= {registry["files"][model]["clip"].name} if registry["files"][model]["clip"] else set()
+        expected = {"config.json", registered["files"][model]["checkpoint"].name}
+        expected |= {"prompts"} if registered["prompts"][model] else set()
+        expected |= {registered["files"][model]["clip"].name} if registered["files"][model]["clip"] else set()
+        expected |= {"graph"}
+        assert (folder / "artifacts" / "graph" / "model.onnx").is_file()
         assert artifacts == expected, model
         assert (folder / "input_example.json").is_file()
 
 
 @pytest.mark.parametrize("model", ["metauas", "inctrl", "faprompt"])
 def test_pyfunc_equals_the_model(
-    model: str, registry: dict, reference: Any, demo_root: Path, demo_category: str
+    model: str, registered: dict, reference: Any, demo_root: Path, demo_category: str
 ) -> None:
-    mlflow.set_tracking_uri(registry["uri"])
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{tracking.registered_name(demo_category)}@champion-{model}")
+    mlflow.set_tracking_uri(registered["uri"])
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{registry.registered_name(demo_category)}@champion-{model}")
+    assert pyfunc.unwrap_python_model().runtime == "onnx"
     queries = _queries(demo_root, demo_category)
     result = pyfunc.predict(
         pd.DataFrame({"image": [path.read_bytes() for path in queries]}), params={"map_format": "array"}
@@ -197,13 +202,13 @@ def test_pyfunc_equals_the_model(
         assert row["pred_score"] == pytest.approx(float(expected.pred_score[0]), abs=1e-5)
         anomaly_map = np.array(json.loads(row["anomaly_map"]))
         assert anomaly_map.shape == (MAP_SIZE[model], MAP_SIZE[model])
-        np.testing.assert_allclose(anomaly_map, expected.anomaly_map[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(anomaly_map, expected.anomaly_map[0].numpy(), atol=1e-5)
         assert row["pred_label"] == int(row["pred_score"] > 0.5)
         mask, exact = np.array(json.loads(row["pred_mask"])), expected.anomaly_map[0].numpy()
         clear = np.abs(exact - 0.5) > 1e-4  # the pixel threshold is 0.5; the map is sent rounded
         assert np.array_equal(mask[clear], (exact[clear] > 0.5).astype(int))
 
-    override = registry["normal"][-2:] if model == "inctrl" else registry["normal"][-1:]
+    override = registered["normal"][-2:] if model == "inctrl" else registered["normal"][-1:]
     frame = pd.DataFrame({"image": [queries[-1].read_bytes()], "prompt_images": [[p.read_bytes() for p in override]]})
     if model == "faprompt":
         with pytest.raises(MlflowException, match="zero-shot"):
@@ -216,6 +221,8 @@ def test_pyfunc_equals_the_model(
     too_many = pd.DataFrame({"image": [queries[-1].read_bytes()], "prompt_images": [[override[0].read_bytes()] * 9]})
     with pytest.raises(MlflowException, match="1 to 8"):
         pyfunc.predict(too_many)
+    with pytest.raises(MlflowException, match="1 to 8"):
+        pyfunc.predict(pd.DataFrame({"image": [queries[-1].read_bytes()], "prompt_images": [[]]}))
 
 
 def _free_port() -> int:
@@ -224,15 +231,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _post(port: int, body: bytes) -> tuple[int, dict]:
+def _post(
+    port: int, body: bytes, content_type: str = "application/json", timeout: float = 120
+) -> tuple[int, dict, Any]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type}
     )
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        return error.code, json.loads(error.read() or b"{}"), error.headers
 
 
 def _b64(data: bytes) -> str:
@@ -247,62 +256,98 @@ def _payload(images: list[bytes], prompts: list[bytes] | None = None, map_format
     ).encode()
 
 
+def _paths_payload(paths: list[str]) -> bytes:
+    data = [[path] for path in paths]
+    return json.dumps({"dataframe_split": {"columns": ["image_path"], "data": data}}).encode()
+
+
+def _encoded(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def _ping(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
         return response.status
 
 
-def _start(command: list[str], env: dict[str, str], port: int) -> Iterator[int]:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if _ping(port) == 200:
-                break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(process.stdout.read().decode()[-3000:])
-            time.sleep(1)
-    else:
-        process.kill()
+class Server:
+    """A ``uas serve`` process on loopback, its output in a log file."""
+
+    def __init__(self, registered: dict, category: str, folder: Path, *options: str) -> None:
+        self.port, self.log = _free_port(), folder / f"serve-{time.monotonic_ns()}.log"
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": registered["uri"],
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
+        command = [shutil.which("uas", path=env["PATH"]), "serve", category, "--port", str(self.port), *options]
+        with self.log.open("wb") as output:
+            self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if _ping(self.port) == 200:
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    pytest.fail(self.log.read_text()[-3000:])
+                time.sleep(0.5)
+        self.process.kill()
         pytest.fail(f"{' '.join(command)} did not answer /ping within 180 s")
-    yield port
-    process.terminate()
-    process.wait(timeout=30)
 
-
-def _server_env(registry: dict) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": registry["uri"],
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
-def server(registry: dict, demo_category: str) -> Iterator[int]:
-    """``mlflow models serve`` of the champion (MetaUAS), as the issue's users run it."""
-    env, port = _server_env(registry), _free_port()
-    uri = f"models:/{tracking.registered_name(demo_category)}@champion"
-    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
-    command = [mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    yield from _start(command, env, port)
+def image_root(tmp_path_factory: pytest.TempPathFactory, registered: dict) -> Path:
+    """Images requests may name: one image and a link pointing outside the root, next to an image outside."""
+    folder = tmp_path_factory.mktemp("served")
+    root, outside = folder / "root", folder / "outside.png"
+    root.mkdir()
+    shutil.copy(registered["normal"][0], root / "good.png")
+    shutil.copy(registered["normal"][0], outside)
+    (root / "link.png").symlink_to(outside)
+    (root / "folder").mkdir()
+    return root
 
 
 @pytest.fixture(scope="module")
-def uas_server(registry: dict, demo_category: str) -> Iterator[int]:
-    """``uas serve CATEGORY --model inctrl`` with a 0.5 MB body limit."""
-    env, port = _server_env(registry), _free_port()
-    uas_cli = shutil.which("uas", path=env["PATH"])
-    command = [uas_cli, "serve", demo_category, "--model", "inctrl", "--port", str(port), "--max-body-mb", "0.5"]
-    yield from _start(command, env, port)
+def server(registered: dict, demo_category: str, image_root: Path) -> Iterator[int]:
+    """``uas serve CATEGORY``: the champion (MetaUAS) with small bounds and an image root."""
+    options = ["--max-rows", "4", "--max-megapixels", "1", "--max-in-flight", "2", "--max-body-mb", "2"]
+    process = Server(registered, demo_category, image_root.parent, *options, "--image-root", str(image_root))
+    yield process.port
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def uas_server(registered: dict, demo_category: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """``uas serve CATEGORY --model inctrl`` with a 0.5 MB body limit and no image root."""
+    folder = tmp_path_factory.mktemp("inctrl-serve")
+    process = Server(registered, demo_category, folder, "--model", "inctrl", "--max-body-mb", "0.5")
+    yield process.port
+    process.stop()
+
+
+def _no_internals(answer: dict) -> None:
+    """A refusal names the problem, never a stack trace or a path of the server."""
+    text = json.dumps(answer)
+    assert set(answer) == {"error_code", "message"}, text
+    assert answer["message"]
+    for leak in ("Traceback", "stack_trace", str(Path(tracking.__file__).parent.parent), "/tmp", "site-packages"):
+        assert leak not in text
 
 
 def test_served_model_answers_with_maps_and_prompt_override(
-    server: int, reference: Any, registry: dict, demo_root: Path, demo_category: str
+    server: int, reference: Any, registered: dict, demo_root: Path, demo_category: str
 ) -> None:
     query = _queries(demo_root, demo_category)[-1]
-    status, body = _post(server, _payload([query.read_bytes()]))
+    status, body, _ = _post(server, _payload([query.read_bytes()]))
     assert status == 200
     row = body["predictions"][0]
     assert row["pred_score"] == pytest.approx(float(reference("metauas", query).pred_score[0]), abs=1e-5)
@@ -310,70 +355,230 @@ def test_served_model_answers_with_maps_and_prompt_override(
     assert heat.shape == (64, 64)
     assert set(np.unique(np.asarray(Image.open(io.BytesIO(base64.b64decode(row["pred_mask"])))))) <= {0, 255}
 
-    other = registry["normal"][-1]
-    status, body = _post(server, _payload([query.read_bytes()], prompts=[other.read_bytes()], map_format="none"))
+    other = registered["normal"][-1]
+    status, body, _ = _post(server, _payload([query.read_bytes()], prompts=[other.read_bytes()], map_format="none"))
     assert status == 200
     expected = reference("metauas", query, [other])
     assert body["predictions"][0]["pred_score"] == pytest.approx(float(expected.pred_score[0]), abs=1e-5)
     assert body["predictions"][0]["anomaly_map"] == ""
 
 
-@pytest.mark.parametrize(
-    ("body", "needle"),
-    [
-        (b"{not json", ""),
-        (json.dumps({"dataframe_split": {"columns": ["image"], "data": [["aGVsbG8="]]}}).encode(), "Cannot read"),
-        (json.dumps({"dataframe_split": {"columns": ["other"], "data": [["x"]]}}).encode(), ""),
-        (json.dumps({"dataframe_split": {"columns": ["image"], "data": [["%%%"]]}}).encode(), ""),
-        (
-            json.dumps({"dataframe_split": {"columns": ["image", "prompt_images"], "data": [["aGVsbG8=", "x"]]}}),
-            "",
-        ),
-    ],
-)
-def test_malformed_requests_get_4xx_and_the_server_stays_up(server: int, body: bytes | str, needle: str) -> None:
-    status, answer = _post(server, body.encode() if isinstance(body, str) else body)
-    assert 400 <= status < 500
-    assert needle in json.dumps(answer)
+def _split(columns: list[str], data: list) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode()
+
+
+PNG = _b64(_encoded(np.zeros((8, 8, 3), np.uint8)))
+MALFORMED = {
+    "not json": (b"{not json", "application/json", 400, "not valid JSON"),
+    "not utf-8": (b"\xff\xfe{}", "application/json", 400, "not valid JSON"),
+    "deeply nested": (b"[" * 50_000 + b"]" * 50_000, "application/json", 400, "nested too deeply"),
+    "csv": (b"image\naGVsbG8=\n", "application/csv", 415, "Content-Type: application/json"),
+    "no format": (json.dumps({"inputs": [PNG]}).encode(), "application/json", 400, "dataframe_split"),
+    "not an image": (_split(["image"], [["aGVsbG8="]]), "application/json", 400, "accepted format"),
+    "unknown column": (_split(["other"], [["x"]]), "application/json", 400, "a row may have image"),
+    "ragged rows": (_split(["image", "image_path"], [[PNG]]), "application/json", 400, "one value per column"),
+    "no image": (_split(["image"], [[None]]), "application/json", 400, "needs an 'image'"),
+    "number image": (_split(["image"], [[3]]), "application/json", 400, "must be a string"),
+    "not base64": (_split(["image"], [["%%%"]]), "application/json", 400, "accepted format"),
+    "prompts not a list": (_split(["image", "prompt_images"], [[PNG, "x"]]), "application/json", 400, "list"),
+    "empty prompts": (_split(["image", "prompt_images"], [[PNG, []]]), "application/json", 400, "1 to 8"),
+    "nine prompts": (_split(["image", "prompt_images"], [[PNG, [PNG] * 9]]), "application/json", 400, "1 to 8"),
+    "no rows": (_split(["image"], []), "application/json", 400, "at least one row"),
+    "bad map format": (
+        json.dumps({"dataframe_split": {"columns": ["image"], "data": [[PNG]]}, "params": {"map_format": 1}}).encode(),
+        "application/json",
+        400,
+        "map_format",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_get_4xx_json_and_the_server_stays_up(server: int, case: str) -> None:
+    body, content_type, expected_status, needle = MALFORMED[case]
+    status, answer, _ = _post(server, body, content_type)
+    assert status == expected_status
+    assert needle in answer["message"]
+    _no_internals(answer)
     assert _ping(server) == 200
 
 
-def test_oversized_image_is_refused_before_decoding(server: int) -> None:
-    buffer = io.BytesIO()
-    Image.new("L", (20000, 20000)).save(buffer, format="PNG", optimize=True)
-    started = time.monotonic()
-    status, answer = _post(server, _payload([buffer.getvalue()]))
+def test_rows_megapixels_and_aspect_ratio_are_bounded(server: int, demo_root: Path, demo_category: str) -> None:
+    query = _queries(demo_root, demo_category)[0].read_bytes()
+    status, answer, _ = _post(server, _payload([query] * 5, map_format="none"))
+    assert status == 413
+    assert "5 rows; at most 4 are accepted per request (uas serve --max-rows)" in answer["message"]
+    status, _, _ = _post(server, _payload([query] * 4, map_format="none"))
+    assert status == 200
+
+    large = _encoded(np.zeros((800, 800, 3), np.uint8))  # 0.64 MP each; two exceed the 1 MP per request
+    status, answer, _ = _post(server, _payload([large, large], map_format="none"))
+    assert status == 413
+    assert "more than 1 megapixels, the limit per request (uas serve --max-megapixels)" in answer["message"]
+    status, answer, _ = _post(server, _payload([query], prompts=[large, large], map_format="none"))
+    assert status == 413
+    status, _, _ = _post(server, _payload([large], map_format="none"))
+    assert status == 200
+
+    status, answer, _ = _post(server, _payload([_encoded(np.zeros((10, 400, 3), np.uint8))]))
     assert status == 400
-    assert "pixels" in answer["message"]
-    assert time.monotonic() - started < 30
+    assert "20 times the short side" in answer["message"]
+    _no_internals(answer)
 
 
-def test_bounded_load_has_no_server_errors(server: int, demo_root: Path, demo_category: str) -> None:
+def test_body_limit_message_and_boundary(server: int, demo_root: Path, demo_category: str) -> None:
+    limit = 2_000_000
     payload = _payload([_queries(demo_root, demo_category)[0].read_bytes()], map_format="none")
+    exact = payload[:-1] + b" " * (limit - len(payload)) + payload[-1:]
+    assert len(exact) == limit
+    status, _, _ = _post(server, exact)
+    assert status == 200
+    over = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    over.putrequest("POST", "/invocations")
+    over.putheader("Content-Type", "application/json")
+    over.putheader("Content-Length", str(limit + 1))
+    over.endheaders()  # the answer comes before the body is sent
+    answer = over.getresponse()
+    assert answer.status == 413
+    message = json.loads(answer.read())["message"]
+    assert message.startswith(f"The request body has {limit + 1} bytes; at most {limit} are accepted")
+    over.close()
 
-    def call(_: int) -> tuple[int, float]:
-        started = time.perf_counter()
-        status, _answer = _post(server, payload)
-        return status, time.perf_counter() - started
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(call, range(200)))
-    assert [status for status, _ in results] == [200] * 200
-    latencies = sorted(seconds for _, seconds in results)
-    print(f"served p50 {latencies[100] * 1000:.1f} ms, p95 {latencies[189] * 1000:.1f} ms")
+def test_formats_outside_the_allow_list_are_refused(server: int) -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    gif = _encoded(np.zeros((8, 8), np.uint8), "GIF")
+    for data in (eps, gif):
+        status, answer, _ = _post(server, _payload([data]))
+        assert status == 400
+        assert "PNG, JPEG, BMP, TIFF, WEBP" in answer["message"]
+        _no_internals(answer)
+
+
+def test_deep_and_float_images_are_scaled_by_their_range(server: int) -> None:
+    values = np.random.default_rng(3).integers(0, 256, (64, 64)).astype(np.uint8)
+    images = [
+        _encoded(values),
+        _encoded(values.astype(np.float32), "TIFF", mode="F"),  # 0-255 floats
+        _encoded(values.astype(np.float32) / 255, "TIFF", mode="F"),  # 0-1 floats
+        _encoded(values.astype(np.uint16) * 257),  # 16-bit PNG
+    ]
+    status, body, _ = _post(server, _payload(images, map_format="none"))
+    assert status == 200
+    scores = [row["pred_score"] for row in body["predictions"]]
+    assert scores == pytest.approx([scores[0]] * 4, abs=1e-6)
+    white = _post(server, _payload([_encoded(np.full((64, 64), 255, np.uint8))], map_format="none"))[1]
+    assert abs(white["predictions"][0]["pred_score"] - scores[0]) > 1e-6  # a clipped float image would be white
+
+
+def test_image_path_only_under_the_root_with_one_answer_for_every_refusal(
+    server: int, uas_server: int, image_root: Path
+) -> None:
+    status, body, _ = _post(server, _paths_payload(["good.png"]))
+    assert status == 200
+    status, sent, _ = _post(server, _payload([(image_root / "good.png").read_bytes()]))
+    assert body["predictions"][0]["pred_score"] == pytest.approx(sent["predictions"][0]["pred_score"], abs=1e-6)
+
+    refused = [
+        "/etc/passwd",
+        "/etc/does-not-exist",
+        "../../../../../etc/passwd",
+        "../outside.png",  # exists, outside the root
+        "link.png",  # inside the root, links outside
+        "missing.png",
+        "folder",
+        str(image_root / ".." / "outside.png"),
+    ]
+    answers = []
+    for path in refused:
+        status, answer, _ = _post(server, _paths_payload([path]))
+        assert status == 400, path
+        _no_internals(answer)
+        answers.append(answer)
+    assert all(answer == answers[0] for answer in answers), answers
+    for path in ("/etc/passwd", str(image_root / "good.png")):  # a server without a root reads no file
+        status, answer, _ = _post(uas_server, _paths_payload([path]))
+        assert status == 400
+        assert "send the image itself" in answer["message"]
+
+
+def _held_request(port: int) -> socket.socket:
+    """A request whose body never finishes: it stays in flight until the client leaves."""
+    held = socket.create_connection(("127.0.0.1", port), timeout=30)
+    held.sendall(
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    return held
+
+
+def test_requests_beyond_the_in_flight_limit_get_503_with_retry_after(
+    server: int, demo_root: Path, demo_category: str
+) -> None:
+    payload = _payload([_queries(demo_root, demo_category)[0].read_bytes()], map_format="none")
+    held = [_held_request(server), _held_request(server)]
+    time.sleep(0.5)
+    status, answer, headers = _post(server, payload)
+    assert status == 503
+    assert headers.get("Retry-After") == "1"
+    assert "--max-in-flight" in answer["message"]
+    for connection in held:
+        connection.close()
+    deadline = time.monotonic() + 10
+    while (status := _post(server, payload)[0]) == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 200
+
+
+def test_work_stops_when_a_request_times_out_or_its_client_leaves_and_slow_bodies_time_out(
+    registered: dict, demo_category: str, tmp_path: Path
+) -> None:
+    options = ["--timeout", "0.3", "--max-rows", "64", "--max-megapixels", "300", "--max-body-mb", "64"]
+    process = Server(registered, demo_category, tmp_path, *options)
+    try:
+        gradient = np.linspace(0, 255, 2000 * 1000, dtype=np.float32).reshape(1000, 2000).astype(np.uint8)
+        payload = _payload([_encoded(np.dstack([gradient] * 3))] * 64, map_format="none")  # 128 MP to decode
+        started = time.monotonic()
+        status, answer, _ = _post(process.port, payload)
+        assert status == 504
+        assert "--timeout" in answer["message"]
+        assert time.monotonic() - started < 5
+
+        left = socket.create_connection(("127.0.0.1", process.port))
+        left.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        time.sleep(0.1)
+        left.close()
+        time.sleep(3)
+        assert _ping(process.port) == 200
+
+        held = _held_request(process.port)  # a body that never arrives loses its place after the timeout
+        answer = b""
+        while b"}" not in answer and (chunk := held.recv(4096)):
+            answer += chunk
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"did not arrive within 0.3 s" in answer
+    finally:
+        log = process.stop()
+    stopped = [line for line in log.splitlines() if "Stopped the work" in line]
+    assert len(stopped) == 2, log[-3000:]
+    assert all(int(line.split(" after ")[1].split(" of ")[0]) < 64 for line in stopped)
 
 
 def test_uas_serve_answers_inctrl_with_its_prompt_override(
-    uas_server: int, reference: Any, registry: dict, demo_root: Path, demo_category: str
+    uas_server: int, reference: Any, registered: dict, demo_root: Path, demo_category: str
 ) -> None:
     query = _queries(demo_root, demo_category)[0]
-    status, body = _post(uas_server, _payload([query.read_bytes()], map_format="png"))
+    status, body, _ = _post(uas_server, _payload([query.read_bytes()], map_format="png"))
     assert status == 200
     row = body["predictions"][0]
     assert row["pred_score"] == pytest.approx(float(reference("inctrl", query).pred_score[0]), abs=1e-5)
     assert np.asarray(Image.open(io.BytesIO(base64.b64decode(row["anomaly_map"])))).shape == (240, 240)
-    prompts = registry["normal"][-2:]
-    status, body = _post(uas_server, _payload([query.read_bytes()], [p.read_bytes() for p in prompts], "none"))
+    prompts = registered["normal"][-2:]
+    status, body, _ = _post(uas_server, _payload([query.read_bytes()], [p.read_bytes() for p in prompts], "none"))
     assert status == 200
     expected = reference("inctrl", query, prompts)
     assert body["predictions"][0]["pred_score"] == pytest.approx(float(expected.pred_score[0]), abs=1e-5)
@@ -387,7 +592,7 @@ def test_uas_serve_refuses_oversized_bodies_and_stays_up(uas_server: int) -> Non
     declared.endheaders(b'{"dataframe_split": ')
     answer = declared.getresponse()
     assert answer.status == 413
-    assert "at most 500000" in json.loads(answer.read())["message"]
+    assert json.loads(answer.read())["message"].startswith(f"The request body has {10**10} bytes; at most 500000")
     declared.close()
 
     streamed = http.client.HTTPConnection("127.0.0.1", uas_server, timeout=30)
@@ -403,17 +608,58 @@ def test_uas_serve_refuses_oversized_bodies_and_stays_up(uas_server: int) -> Non
         pass  # the server answered and closed before the whole body arrived
     answer = streamed.getresponse()
     assert answer.status == 413
-    assert "more than" in json.loads(answer.read())["message"]
+    assert "more than 500000 bytes" in json.loads(answer.read())["message"]
     streamed.close()
     assert _ping(uas_server) == 200
 
 
-def test_spark_udf_equals_in_process_predictions(registry: dict, demo_root: Path, demo_category: str) -> None:
+def test_bounded_load_has_no_server_errors(uas_server: int, demo_root: Path, demo_category: str) -> None:
+    payload = _payload([_queries(demo_root, demo_category)[0].read_bytes()], map_format="none")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda _: _post(uas_server, payload)[0], range(80)))
+    assert statuses == [200] * 80
+
+
+@pytest.fixture(scope="module")
+def champion(registered: dict, demo_category: str) -> Any:
+    mlflow.set_tracking_uri(registered["uri"])
+    return mlflow.pyfunc.load_model(f"models:/{registry.registered_name(demo_category)}@champion")
+
+
+def test_concurrent_requests_are_micro_batched_with_unchanged_results(
+    champion: Any, demo_root: Path, demo_category: str
+) -> None:
+    model = champion.unwrap_python_model()
+    queries = _queries(demo_root, demo_category)
+    frames = [pd.DataFrame({"image": [query.read_bytes()]}) for query in queries]
+    alone = [float(champion.predict(frame, params={"map_format": "none"})["pred_score"][0]) for frame in frames]
+    batches, forward = [], model.batcher.forward
+
+    def recording(images: torch.Tensor) -> Any:
+        batches.append(len(images))
+        time.sleep(0.05)  # a slow forward, so that the other requests queue behind it
+        return forward(images)
+
+    model.batcher.forward = recording
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            together = list(
+                pool.map(lambda i: champion.predict(frames[i % 3], params={"map_format": "none"}), range(16))
+            )
+    finally:
+        model.batcher.forward = forward
+    assert sum(batches) == 16
+    assert max(batches) > 1
+    for index, result in enumerate(together):
+        assert float(result["pred_score"][0]) == pytest.approx(alone[index % 3], abs=1e-6)
+
+
+def test_spark_udf_equals_in_process_predictions(registered: dict, demo_root: Path, demo_category: str) -> None:
     pyspark = pytest.importorskip("pyspark.sql")
     spark = pyspark.SparkSession.builder.master("local[2]").appName("uas-test").getOrCreate()
     try:
-        mlflow.set_tracking_uri(registry["uri"])
-        uri = f"models:/{tracking.registered_name(demo_category)}@champion"
+        mlflow.set_tracking_uri(registered["uri"])
+        uri = f"models:/{registry.registered_name(demo_category)}@champion"
         paths = [str(path) for path in _queries(demo_root, demo_category)]
         table = spark.createDataFrame(pd.DataFrame({"image_path": paths}))
         udf = mlflow.pyfunc.spark_udf(

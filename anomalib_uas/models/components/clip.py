@@ -4,7 +4,9 @@
 
 :func:`load_clip` builds an open_clip model from
 
-* a local file (a state_dict in open_clip / OpenAI key names, or an OpenAI TorchScript archive's state),
+* a local file: a state_dict in open_clip / OpenAI key names (read with ``weights_only=True``), or an OpenAI
+  TorchScript release, which is loaded only after its sha256 matched the hash in one of the OpenAI download URLs
+  that open_clip lists (loading TorchScript runs the code in the archive, so no other archive is ever loaded),
 * an open_clip pretrained tag, fetched from the publisher's URL (with open_clip's own checksum where it has one)
   into the weights cache, or
 * nothing (random initialisation, for tests).
@@ -24,14 +26,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
 
-from anomalib_uas.weights import WeightsError, load_state_dict, resolve_weights
+from anomalib_uas.weights import WeightsError, load_state_dict, resolve_weights, sha256sum
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ _CONFIG_DIR = Path(__file__).with_name("clip_configs")
 open_clip.add_model_config(_CONFIG_DIR)
 
 TINY_CONFIGS = tuple(sorted(path.stem for path in _CONFIG_DIR.glob("*.json")))
+_OPENAI_URL_HASH = re.compile(r"openaipublic\.azureedge\.net/clip/models/([0-9a-f]{64})/")
 
 
 def is_batch_first(transformer: nn.Module) -> bool:
@@ -55,17 +60,31 @@ def is_batch_first(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "batch_first", False))
 
 
+@functools.cache
+def openai_release_hashes() -> frozenset[str]:
+    """The sha256 digests of the OpenAI CLIP releases, read from the download URLs open_clip lists.
+
+    Returns:
+        Lower-case hex digests.
+    """
+    urls = ((open_clip.get_pretrained_cfg(name, tag) or {}).get("url", "") for name, tag in open_clip.list_pretrained())
+    return frozenset(match.group(1) for url in urls if (match := _OPENAI_URL_HASH.search(url)))
+
+
 def _state_dict_from(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_state_dict(path)
-    except WeightsError:
-        # OpenAI releases are TorchScript archives; their state_dict holds the same keys.
-        try:
-            archive = torch.jit.load(path, map_location="cpu")
-        except (RuntimeError, ValueError) as exc:
-            msg = f"{path} is neither a state_dict nor a TorchScript CLIP archive."
+    except WeightsError as exc:
+        digest = sha256sum(path)
+        if digest not in openai_release_hashes():
+            msg = (
+                f"{path} is not a state_dict readable with weights_only=True, nor an OpenAI CLIP release (its sha256 "
+                f"{digest[:16]}... matches none), so it is not loaded: TorchScript archives run code on load. Save "
+                "the weights as a state_dict (torch.save(model.state_dict(), path)) and pass that file."
+            )
             raise WeightsError(msg) from exc
-        return archive.state_dict()
+    # An OpenAI release verified by its published hash: its TorchScript state_dict holds the CLIP keys.
+    return torch.jit.load(path, map_location="cpu").state_dict()
 
 
 def load_clip(

@@ -1,0 +1,246 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""What runs a served model's forward: its exported ONNX graph, and one worker that micro-batches the requests.
+
+At registration, :func:`export_graph` exports the model's torch forward on pre-processed images, with the
+registered prompt images and text features baked in, to ONNX with a dynamic batch dimension, and checks that
+ONNX Runtime reproduces the eager outputs within :data:`GRAPH_ATOL`. The served pyfunc runs that graph
+(:class:`GraphRunner`); versions registered without one run the eager model.
+
+Every forward of a served model runs in the single thread of a :class:`MicroBatcher`: the query images that wait
+together, from any number of concurrent requests, go through one batched forward; a job whose request timed out
+or whose client left is dropped before it runs.
+
+Example:
+    >>> from anomalib_uas.serving.runtime import GraphRunner, MicroBatcher
+    >>> batcher = MicroBatcher(GraphRunner("graph/"))  # doctest: +SKIP
+    >>> score, anomaly_map = batcher.submit(image, cancel).result()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GRAPH_ATOL", "EagerRunner", "GraphRunner", "MicroBatcher", "export_graph"]
+
+GRAPH_FILE = "model.onnx"
+GRAPH_INPUT = "images"
+GRAPH_OUTPUTS = ("pred_score", "anomaly_map")
+GRAPH_ATOL = 1e-5
+MAX_BATCH = 8
+
+Outputs = tuple[np.ndarray, np.ndarray]  # scores [B] and anomaly maps [B, H, W]
+Forward = Callable[[torch.Tensor], Outputs]
+
+
+class _ScoreAndMap(nn.Module):
+    """The eval-mode forward of a torch model as a pair of tensors (what ONNX exports)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(images)
+        return output.pred_score, output.anomaly_map
+
+
+class EagerRunner:
+    """The torch model's own forward on a batch of pre-processed images.
+
+    Args:
+        model: The torch model in eval mode, prompts and text features set.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> Outputs:
+        """Score a batch.
+
+        Args:
+            images: ``[B, 3, H, W]`` pre-processed images.
+            prompts: Optional ``[B, k, 3, H, W]`` prompt images replacing the registered ones.
+
+        Returns:
+            Scores ``[B]`` and anomaly maps ``[B, H, W]``.
+        """
+        with torch.inference_mode():
+            output = self.model(images) if prompts is None else self.model(images, prompts)
+        return output.pred_score.float().numpy(), output.anomaly_map.float().numpy()
+
+
+class GraphRunner:
+    """An exported graph run by ONNX Runtime on the CPU, with as many threads as torch uses.
+
+    Args:
+        path: The graph folder (``model.onnx``, and its weights file when they exceed 2 GB) or the ``.onnx`` file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime
+
+        path = Path(path) / GRAPH_FILE if Path(path).is_dir() else Path(path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> Outputs:
+        """Score a batch.
+
+        Args:
+            images: ``[B, 3, H, W]`` pre-processed images.
+
+        Returns:
+            Scores ``[B]`` and anomaly maps ``[B, H, W]``.
+        """
+        scores, maps = self.session.run(list(GRAPH_OUTPUTS), {GRAPH_INPUT: images.numpy()})
+        return scores, maps
+
+
+def export_graph(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
+    """Export a torch model's eval forward to ONNX (dynamic batch) and check it against eager outputs.
+
+    Args:
+        model: The torch model in eval mode, with its prompts and text features set (they become constants).
+        example: One pre-processed image ``[3, H, W]`` (the graph keeps this input size).
+        folder: Folder to write ``model.onnx`` to (with a separate weights file when they exceed 2 GB).
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        RuntimeError: ONNX Runtime's outputs differ from eager ones by more than :data:`GRAPH_ATOL`.
+    """
+    wrapper = _ScoreAndMap(model).eval()
+    batch = torch.stack([example, example.flip(-1)])
+    batch_dim = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (batch,),
+            dynamo=True,
+            input_names=[GRAPH_INPUT],
+            output_names=list(GRAPH_OUTPUTS),
+            dynamic_shapes=({0: batch_dim},),
+            opset_version=18,
+            verbose=False,
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    program.save(str(folder / GRAPH_FILE))
+    runner, eager = GraphRunner(folder), EagerRunner(model)
+    for images in (batch[:1], batch):
+        for exported, expected, name in zip(runner(images), eager(images), GRAPH_OUTPUTS, strict=True):
+            difference = float(np.abs(exported - expected).max())
+            if exported.shape != expected.shape or difference > GRAPH_ATOL:
+                msg = (
+                    f"The exported graph's {name} differs from the eager model's by {difference:.2e} "
+                    f"(shapes {exported.shape}, {expected.shape}); at most {GRAPH_ATOL:g} is accepted."
+                )
+                raise RuntimeError(msg)
+    return folder
+
+
+@dataclass
+class _Job:
+    cancel: threading.Event
+    images: torch.Tensor | None = None  # one pre-processed image, batchable with others of its shape
+    call: Callable[[], Outputs] | None = None  # a forward of its own (prompt overrides)
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """Run every forward in one worker thread, stacking the images that wait together into one batch.
+
+    Args:
+        forward: Batched forward on ``[B, 3, H, W]``.
+        max_batch: Most images per forward.
+    """
+
+    def __init__(self, forward: Forward, max_batch: int = MAX_BATCH) -> None:
+        self.forward = forward
+        self.max_batch = max_batch
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._ready = threading.Condition()
+        threading.Thread(target=self._work, name="uas-forward", daemon=True).start()
+
+    def submit(self, image: torch.Tensor, cancel: threading.Event) -> Future:
+        """Queue one pre-processed image.
+
+        Args:
+            image: ``[3, H, W]``.
+            cancel: Set when the request is given up; the job is then dropped if it has not run.
+
+        Returns:
+            A future of the image's score (a float) and anomaly map ``[H, W]``.
+        """
+        return self._queue(_Job(cancel, images=image))
+
+    def submit_call(self, call: Callable[[], Outputs], cancel: threading.Event) -> Future:
+        """Queue a forward that cannot be batched with others (one image with its own prompts).
+
+        Args:
+            call: Returns scores ``[1]`` and maps ``[1, H, W]``.
+            cancel: As for :meth:`submit`.
+
+        Returns:
+            A future of the score and anomaly map.
+        """
+        return self._queue(_Job(cancel, call=call))
+
+    def _queue(self, job: _Job) -> Future:
+        with self._ready:
+            self._jobs.append(job)
+            self._ready.notify()
+        return job.future
+
+    def _next(self) -> list[_Job]:
+        with self._ready:
+            while not self._jobs:
+                self._ready.wait()
+            first = self._jobs.popleft()
+            if first.images is None:
+                return [first]
+            batch, others = [first], []
+            while self._jobs and len(batch) < self.max_batch:
+                job = self._jobs.popleft()
+                fits = job.images is not None and job.images.shape == first.images.shape
+                (batch if fits else others).append(job)
+            self._jobs.extendleft(reversed(others))
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            jobs = []
+            for job in self._next():
+                if job.cancel.is_set():
+                    job.future.cancel()
+                elif job.future.set_running_or_notify_cancel():
+                    jobs.append(job)
+            if not jobs:
+                continue
+            try:
+                if jobs[0].call is not None:
+                    scores, maps = jobs[0].call()
+                else:
+                    scores, maps = self.forward(torch.stack([job.images for job in jobs]))
+            except Exception as exc:  # handed to the waiting requests, which answer 500
+                logger.exception("Forward failed")
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            for index, job in enumerate(jobs):
+                job.future.set_result((float(scores[index]), maps[index]))
