@@ -12,6 +12,7 @@ modules (:mod:`anomalib_uas.stages`) with the default paths:
 * ``uas report``: ``reports/report.md`` and ``reports/report.html``;
 * ``uas review``: FiftyOne review datasets of every evaluation, updated in place (``--rebuild`` starts clean);
   ``uas review --launch DATASET [--timeout S]`` serves the App and leaves no process behind;
+* ``uas feedback``: export the images reviewers marked ``feedback:normal`` / ``feedback:hard`` to ``data/feedback``;
 * ``uas predict FOLDER --category C``: score a folder with the category's champion (CSV, masks, heatmaps, an
   offline contact sheet; ``--review`` adds the results to FiftyOne);
 * ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
@@ -42,6 +43,7 @@ STAGES = {
     "evaluate": "Engine.test of a model on every category; metrics, curves and predictions.",
     "report": "Comparison table of all models (reports/report.md and report.html).",
     "review": "Build the FiftyOne review datasets (--launch DATASET serves the App).",
+    "feedback": "Export the images reviewers marked feedback:normal / feedback:hard to data/feedback.",
 }
 # Failures of bad input: one line and exit code 2, never a traceback.
 INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError)

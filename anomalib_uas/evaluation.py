@@ -12,7 +12,7 @@ Saved per category (``<predictions_dir>/<category>/``): ``predictions.npz`` with
 Example:
     >>> from anomalib_uas.evaluation import evaluate_model, format_table
     >>> from anomalib_uas.models import MetaUAS
-    >>> rows = evaluate_model(lambda: MetaUAS(), "datasets/demo", ["brick"])  # doctest: +SKIP
+    >>> rows = evaluate_model(lambda category: MetaUAS(), "datasets/demo", ["brick"])  # doctest: +SKIP
     >>> print(format_table(rows))  # doctest: +SKIP
 """
 
@@ -125,31 +125,31 @@ class PredictionRecorder(Callback):
 
 
 def evaluate_model(
-    build_model: Callable[[], AnomalibModule],
+    build_model: Callable[[str], AnomalibModule],
     root: str | Path,
     categories: Sequence[str],
     output_dir: str | Path = "results",
     predictions_dir: str | Path | None = None,
     batch_size: int = 8,
     build_logger: Callable[[str], Any] | None = None,
-    held_out_normals: Callable[[str, list[str]], list[str]] | None = None,
+    scored_images: Callable[[str, list[str]], dict[str, list[str]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``Engine.test`` on each category with a fresh model.
 
     Args:
-        build_model: Returns a new model for a category.
+        build_model: Returns a new model for a category (given its name).
         root: Dataset root in MVTec AD layout.
         categories: Categories to evaluate.
         output_dir: Engine root folder.
         predictions_dir: Where to save each category's ``predictions.npz``; not saved when ``None``.
         batch_size: Evaluation batch size.
         build_logger: Returns the Engine logger of a category (e.g. an MLflow logger); no logging when ``None``.
-        held_out_normals: ``(category, prompt_paths) -> image paths``: normal images outside the test set, scored by
-            the tested model (for thresholds at a target false-alarm rate); none when ``None``.
+        scored_images: ``(category, prompt_paths) -> {group: image paths}``: images outside the test set that the
+            tested model scores too (held-out normal images for thresholds, reviewer feedback); none when ``None``.
 
     Returns:
         One row per category with the metrics, ``ms_per_image`` (the test loop's wall time per image), the
-        ``prompt_paths`` the model used and the raw ``normal_scores`` of the held-out normal images.
+        ``prompt_paths`` the model used and ``scores``: per group of ``scored_images``, the raw scores.
     """
     rows = []
     for category in categories:
@@ -164,13 +164,13 @@ def evaluate_model(
             devices=1,
             callbacks=[recorder],
         )
-        model = build_model()
+        model = build_model(category)
         results = engine.test(model, datamodule=datamodule, verbose=False)[0]
         row = {"category": category, **{name: float(results[name]) for name in METRICS if name in results}}
         row["ms_per_image"] = 1000.0 * recorder.seconds / max(recorder.num_images, 1)
         row["prompt_paths"] = list(getattr(model, "prompt_paths", []))
-        normals = held_out_normals(category, row["prompt_paths"]) if held_out_normals is not None else []
-        row["normal_scores"] = score_images(model, normals, batch_size)
+        groups = scored_images(category, row["prompt_paths"]) if scored_images is not None else {}
+        row["scores"] = {group: score_images(model, paths, batch_size) for group, paths in groups.items()}
         if predictions_dir is not None:
             recorder.save(Path(predictions_dir) / category / "predictions.npz")
         rows.append(row)

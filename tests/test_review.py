@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 def evaluation(demo_root: Path, demo_category: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaluation")
     evaluate_model(
-        lambda: MetaUAS(image_size=64, visualizer=False),
+        lambda category: MetaUAS(image_size=64, visualizer=False),
         demo_root,
         [demo_category],
         output_dir=root / "results",

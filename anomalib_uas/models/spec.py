@@ -67,6 +67,8 @@ class ModelSpec:
             writes into ``output_dir``.
         evaluation_kwargs: The model arguments taken from the ``evaluate`` section (k-shot, prompt strategy, ...).
         official_files: Where the official files come from, for messages and READMEs.
+        prompt_pool: The class argument that takes a list of normal images to draw or retrieve prompts from
+            (``None`` for zero-shot models): the pipeline adds reviewers' feedback normals to it.
         optional: Whether a missing file makes the model skipped (with the files named) instead of failing the
             weights stage.
     """
@@ -79,4 +81,5 @@ class ModelSpec:
     train: Callable[[Params, Path, Path, Logger | bool], ModelFiles]
     evaluation_kwargs: Callable[[EvaluateParams], dict[str, Any]]
     official_files: str
+    prompt_pool: str | None = None
     optional: bool = False

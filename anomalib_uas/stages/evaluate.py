@@ -8,9 +8,13 @@ prompt images, MLflow run id); ``<reports>/metrics.json`` and the ROC, PR and pe
 Every evaluated model is registered in MLflow per category (:mod:`anomalib_uas.registry`).
 
 Thresholds, per category: the image threshold reaches ``evaluate.target_fpr`` on normal images held out of the test
-set (the category's ``train/good`` images that were not prompts), and its false-alarm and miss rates on the test
-set are reported; the F1-optimal image threshold is recorded beside it. The registered model and the server use the
-target-rate threshold.
+set (the category's ``train/good`` images that were not prompts, and the reviewers' feedback normals), and its
+false-alarm and miss rates on the test set are reported with the previous evaluation's false positives; the
+F1-optimal image threshold is recorded beside it. The registered model and the server use the target-rate threshold.
+
+Reviewers' feedback (``data/feedback``, see :mod:`anomalib_uas.stages.evaluation_inputs`) is held out of the test
+metrics and reported separately (feedback normals still alarming, hard cases still missed); feedback normals join
+the prompt pool of the models that take prompts.
 
 Categories are checked against the dataset before anything runs, so a typo never lets anomalib's datamodule start
 a download; the outputs are replaced only when every category was evaluated.
@@ -19,6 +23,7 @@ a download; the outputs are replaced only when every category was evaluated.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,13 +35,15 @@ import numpy as np
 from anomalib_uas import registry, tracking
 from anomalib_uas.curves import error_rates, fpr_threshold, thresholds, write_curves
 from anomalib_uas.evaluation import evaluate_model
+from anomalib_uas.models import get_spec
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.params import METRICS, MODEL_NAMES, Params, load_params
 from anomalib_uas.stages import StageError, run_stage
+from anomalib_uas.stages.evaluation_inputs import Feedback, held_out_normals, prompt_pool, read_feedback, test_split
 from anomalib_uas.stages.outputs import replacing, write_json
 from anomalib_uas.stages.status import Status, model_kwargs, read_status
 
-__all__ = ["RATES", "check_categories", "cli", "held_out_normals", "main"]
+__all__ = ["RATES", "check_categories", "cli", "main"]
 
 RATES = ("false_alarm_rate", "miss_rate", "FP", "FN")  # of the image threshold, on the test set
 
@@ -63,7 +70,15 @@ def check_categories(dataset: Path, categories: Sequence[str]) -> None:
         raise StageError(msg)
 
 
-def main(model: str, params_file: Path, dataset: Path, checkpoints: Path, predictions: Path, reports: Path) -> dict:
+def main(
+    model: str,
+    params_file: Path,
+    dataset: Path,
+    checkpoints: Path,
+    predictions: Path,
+    reports: Path,
+    feedback: Path | None = None,
+) -> dict:
     """Evaluate one model on every category.
 
     Args:
@@ -73,6 +88,7 @@ def main(model: str, params_file: Path, dataset: Path, checkpoints: Path, predic
         checkpoints: The model's weights folder (``checkpoints/<model>``).
         predictions: The model's predictions folder (``predictions/<model>``).
         reports: The model's reports folder (``reports/<model>``).
+        feedback: The reviewers' feedback folder (``data/feedback``); none when ``None`` or missing.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -81,6 +97,8 @@ def main(model: str, params_file: Path, dataset: Path, checkpoints: Path, predic
     categories = list(params.data.categories)
     check_categories(dataset, categories)
     status = read_status(checkpoints)
+    previous = _previous_false_positives(predictions / "evaluation.json")
+    marks = {category: read_feedback(feedback or Path("/nonexistent"), category) for category in categories}
     with replacing(predictions, reports) as (predictions_out, reports_out):
         predictions_out.mkdir()
         reports_out.mkdir()
@@ -89,31 +107,64 @@ def main(model: str, params_file: Path, dataset: Path, checkpoints: Path, predic
             write_json(predictions_out / "evaluation.json", {"skipped": status.reason})
             write_curves(reports_out, categories)
         else:
-            metrics = _evaluate(model, params, dataset, status, predictions_out, reports_out)
+            metrics = _evaluate(model, params, dataset, status, marks, previous, predictions_out, reports_out)
         write_json(reports_out / "metrics.json", metrics)
     return metrics
 
 
+def _previous_false_positives(evaluation: Path) -> dict[str, int]:
+    """Per category, the false positives of the previous evaluation (the outputs persist until replaced)."""
+    if not evaluation.is_file():
+        return {}
+    thresholds = json.loads(evaluation.read_text()).get("thresholds", {})
+    return {category: found["test_FP"] for category, found in thresholds.items() if "test_FP" in found}
+
+
 def _evaluate(
-    model: str, params: Params, dataset: Path, status: Status, predictions: Path, reports: Path
+    model: str,
+    params: Params,
+    dataset: Path,
+    status: Status,
+    marks: dict[str, Feedback],
+    previous: dict[str, int],
+    predictions: Path,
+    reports: Path,
 ) -> dict[str, Any]:
-    kwargs = model_kwargs(model, status, params)
+    spec, kwargs = get_spec(model), model_kwargs(model, status, params)
     categories = list(params.data.categories)
-    with tracking.stage_run("evaluate", model, params.as_dict()) as run:
+
+    def build(category: str) -> Any:
+        pool = prompt_pool(dataset, category, params.evaluate.prompt_source, marks[category])
+        extra = {spec.prompt_pool: pool} if spec.prompt_pool and pool else {}
+        return load_model(model, status.checkpoint_path, status.clip_weights_path, visualizer=False, **kwargs, **extra)
+
+    def scored(category: str, prompts: list[str]) -> dict[str, list[str]]:
+        return {
+            "held_out_normal": held_out_normals(dataset, category, prompts, marks[category]),
+            "feedback_normal": marks[category].normal,
+            "feedback_hard": marks[category].hard,
+        }
+
+    with tracking.stage_run("evaluate", model, params.as_dict()) as run, tempfile.TemporaryDirectory() as view:
         rows = evaluate_model(
-            lambda: load_model(model, status.checkpoint_path, status.clip_weights_path, visualizer=False, **kwargs),
-            dataset,
+            build,
+            test_split(dataset, categories, marks, Path(view)),
             categories,
-            output_dir=Path(tempfile.mkdtemp(prefix=f"uas-{model}-")),
+            output_dir=Path(view) / ".engine",
             predictions_dir=predictions,
             batch_size=params.evaluate.batch_size,
             build_logger=lambda category: tracking.engine_logger(f"{model}-{category}", run.info.run_id),
-            held_out_normals=lambda category, prompts: held_out_normals(dataset, category, prompts),
+            scored_images=scored,
         )
-        saved = {category: np.load(predictions / category / "predictions.npz") for category in categories}
-        found = {row["category"]: _thresholds(saved[row["category"]], row, params.evaluate.target_fpr) for row in rows}
+        saved = {category: _saved(predictions / category / "predictions.npz", view, dataset) for category in categories}
+        found = {
+            row["category"]: _thresholds(saved[row["category"]], row["scores"], params.evaluate.target_fpr)
+            for row in rows
+        }
         for row in rows:
             row.update({key: found[row["category"]][f"test_{key}"] for key in RATES})
+            if row["category"] in previous:
+                found[row["category"]]["previous_test_FP"] = previous[row["category"]]
         columns = [*METRICS, *RATES, "ms_per_image"]
         per_category = {row["category"]: {c: row[c] for c in columns if c in row} for row in rows}
         metrics = {
@@ -135,6 +186,7 @@ def _evaluate(
                 "mlflow_run_id": run.info.run_id,
                 "thresholds": found,
                 "prompt_paths": {row["category"]: row["prompt_paths"] for row in rows},
+                "feedback": {c: {"normal": len(marks[c].normal), "hard": len(marks[c].hard)} for c in categories},
             },
         )
         mlflow.log_metrics({f"mean.{k}": v for k, v in metrics["mean"].items()})
@@ -160,27 +212,23 @@ def _evaluate(
     return metrics
 
 
-def held_out_normals(dataset: Path, category: str, prompts: Sequence[str]) -> list[str]:
-    """Normal images outside the test set that the model did not use as prompts: the category's ``train/good``.
+def _saved(path: Path, view: str, dataset: Path) -> dict[str, np.ndarray]:
+    """A category's saved predictions, with image paths of the dataset instead of the test-split view's links."""
+    saved = dict(np.load(path))
+    paths = [str(p) for p in saved["image_path"]]
+    if any(p.startswith(view) for p in paths):
+        saved["image_path"] = np.array([str(dataset) + p[len(view) :] if p.startswith(view) else p for p in paths])
+        np.savez_compressed(path, **saved)
+    return saved
 
-    Args:
-        dataset: The dataset folder.
-        category: The category.
-        prompts: The prompt images the model used.
 
-    Returns:
-        Image paths, sorted.
+def _thresholds(saved: dict[str, np.ndarray], scores: dict[str, list[float]], target_fpr: float) -> dict[str, Any]:
+    """The image threshold at the target false-alarm rate, its test rates, and how the feedback images score.
+
+    Without held-out normal images the F1-optimal threshold is used.
     """
-    from anomalib_uas.data.images import list_images
-
-    used = {str(Path(path).resolve()) for path in prompts}
-    return [str(path) for path in list_images(dataset / category / "train" / "good") if str(path.resolve()) not in used]
-
-
-def _thresholds(saved: Any, row: dict[str, Any], target_fpr: float) -> dict[str, Any]:
-    """The image threshold at the target false-alarm rate (F1-optimal without held-out normals), and its test rates."""
     f1 = thresholds(saved)
-    normal = np.asarray(row["normal_scores"])
+    normal = np.asarray(scores["held_out_normal"])
     image = fpr_threshold(normal, target_fpr) if len(normal) else f1["image_threshold"]
     rates = error_rates(saved["gt_label"], saved["pred_score"], image)
     return {
@@ -189,6 +237,8 @@ def _thresholds(saved: Any, row: dict[str, Any], target_fpr: float) -> dict[str,
         "pixel_threshold": f1["pixel_threshold"],
         "threshold_basis": f"target_fpr {target_fpr}" if len(normal) else "F1 (no held-out normal images)",
         "held_out_normals": len(normal),
+        "feedback_normal_alarms": int((np.asarray(scores["feedback_normal"]) > image).sum()),
+        "feedback_hard_missed": int((np.asarray(scores["feedback_hard"]) <= image).sum()),
         **{f"test_{key}": value for key, value in rates.items()},
     }
 
@@ -224,6 +274,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, help="The model's weights folder (checkpoints/MODEL).")
     parser.add_argument("--predictions", type=Path, help="Predictions output folder (predictions/MODEL).")
     parser.add_argument("--reports", type=Path, help="Reports output folder (reports/MODEL).")
+    parser.add_argument("--feedback", type=Path, default=Path("data/feedback"), help="Feedback (%(default)s).")
 
     def run(args: argparse.Namespace) -> str:
         from anomalib_uas.evaluation import format_table
@@ -236,6 +287,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             args.checkpoints or Path("checkpoints") / model,
             args.predictions or Path("predictions") / model,
             args.reports or Path("reports") / model,
+            args.feedback,
         )
         if metrics["skipped"]:
             return f"{model}: skipped ({read_status(args.checkpoints or Path('checkpoints') / model).reason})"

@@ -92,6 +92,7 @@ SPEC = ModelSpec(
     fetch=_fetch,
     train=_train,
     evaluation_kwargs=_evaluation_kwargs,
+    prompt_pool="few_shot_source",
     official_files=FILES.published_at,
     optional=True,
 )

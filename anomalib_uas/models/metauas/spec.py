@@ -95,5 +95,6 @@ SPEC = ModelSpec(
     fetch=_fetch,
     train=_train,
     evaluation_kwargs=_evaluation_kwargs,
+    prompt_pool="prompt_source",
     official_files=f"the official checkpoints {', '.join(OFFICIAL_WEIGHTS)} (downloaded with sha256 when online)",
 )
