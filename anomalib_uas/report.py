@@ -59,7 +59,58 @@ def markdown_report(results: Sequence[dict[str, Any]]) -> str:
             values = " | ".join(f"{row[c]:.3f}" if c in row else "n/a" for c in COLUMNS)
             lines.append(f"| {result['model']} | {category} | {values} |")
         notes.append(f"- **{result['model']}** weights: {result['weights']}")
-    return "\n".join([*lines, "", "## Models", "", *notes, ""])
+    return "\n".join([*lines, "", "## Models", "", *notes, "", *_alarm_table(results), ""])
+
+
+ALARM_COLUMNS = (
+    "threshold",
+    "FP before",
+    "FP now",
+    "FN now",
+    "feedback normal / hard",
+    "feedback normals alarming",
+    "hard cases missed",
+)
+
+
+def alarm_rows(results: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[str]]]:
+    """Per evaluated model and category: the false positives at the image threshold, before and after the feedback.
+
+    Args:
+        results: One entry per model, as loaded from the reports folder.
+
+    Returns:
+        ``(model, category, cells)`` with the cells of :data:`ALARM_COLUMNS`.
+    """
+    rows = []
+    for result in results:
+        for category, found in result.get("thresholds", {}).items():
+            marks = result.get("feedback", {}).get(category, {"normal": 0, "hard": 0})
+            cells = [
+                found["threshold_basis"],
+                str(found.get("previous_test_FP", "n/a")),
+                str(found["test_FP"]),
+                str(found["test_FN"]),
+                f"{marks['normal']} / {marks['hard']}",
+                str(found["feedback_normal_alarms"]),
+                str(found["feedback_hard_missed"]),
+            ]
+            rows.append((result["model"], category, cells))
+    return rows
+
+
+def _alarm_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    rows = alarm_rows(results)
+    if not rows:
+        return []
+    lines = [
+        "## False positives at the image threshold",
+        "",
+        "| model | category | " + " | ".join(ALARM_COLUMNS) + " |",
+    ]
+    lines.append("|---" * (len(ALARM_COLUMNS) + 2) + "|")
+    lines += [f"| {model} | {category} | " + " | ".join(cells) + " |" for model, category, cells in rows]
+    return lines
 
 
 def _img(png: bytes) -> str:
@@ -85,6 +136,7 @@ def render_report(models: Sequence[str], reports: Path, predictions: Path) -> tu
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head><body>",
         "<h1>Inspection pipeline report</h1>",
         _html_table(results),
+        _html_alarms(results),
     ]
     if evaluated:
         roc = roc_figure({model: reports / model / "roc.csv" for model in evaluated})
@@ -113,3 +165,17 @@ def _html_table(results: Sequence[dict[str, Any]]) -> str:
             rows.append(f"<tr><td>{model}</td><td>{html.escape(category)}</td>{cells}</tr>")
         notes.append(f"<li><b>{model}</b> weights: {html.escape(result['weights'])}</li>")
     return "".join(rows) + "</table><ul>" + "".join(notes) + "</ul>"
+
+
+def _html_alarms(results: Sequence[dict[str, Any]]) -> str:
+    rows = alarm_rows(results)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("model", "category", *ALARM_COLUMNS))
+    body = "".join(
+        f"<tr><td>{html.escape(model)}</td><td>{html.escape(category)}</td>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+        + "</tr>"
+        for model, category, cells in rows
+    )
+    return f"<h2>False positives at the image threshold</h2><table><tr>{head}</tr>{body}</table>"

@@ -91,7 +91,9 @@ def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]])
 
 def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:
     root, env = project
-    assert stages_run(run_command(["dvc", "repro"], root, env)) == set()
+    # the feedback stage reads the FiftyOne database, which DVC cannot hash: it always runs, and its unchanged
+    # output reruns nothing downstream
+    assert stages_run(run_command(["dvc", "repro"], root, env)) == {"feedback"}
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["k_shot"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -208,6 +210,40 @@ def test_unreadable_params_fail_every_stage_cleanly(
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"uas evaluate: error: {expected}")
     assert _snapshot(root) == before
+
+
+def test_feedback_normals_lower_the_false_positives_of_their_category(project: tuple[Path, dict[str, str]]) -> None:
+    from anomalib_uas.feedback import NORMAL_TAG
+    from anomalib_uas.review import F, fo
+
+    root, env = project
+    run_command(["dvc", "repro"], root, env)
+    evaluation = root / "predictions" / "metauas" / "evaluation.json"
+    before = json.loads(evaluation.read_text())["thresholds"]
+    dataset = fo.load_dataset("uas-metauas-brick")
+    false_positives = dataset.match(F("eval") == "FP")
+    assert len(false_positives) == before["brick"]["test_FP"] > 0
+    false_positives.tag_samples(NORMAL_TAG)
+
+    ran = stages_run(run_command(["dvc", "repro"], root, env))
+    assert {"feedback", "evaluate@metauas", "report", "review"} <= ran
+    assert not {"data", "weights@metauas"} & ran
+    assert len(list((root / "data" / "feedback" / "brick" / "normal").iterdir())) == before["brick"]["test_FP"]
+    provenance = json.loads((root / "data" / "feedback" / "brick" / "provenance.json").read_text())
+    assert {mark["dataset"] for entry in provenance["normal"] for mark in entry["marks"]} == {"uas-metauas-brick"}
+    after = json.loads(evaluation.read_text())
+    assert after["feedback"]["brick"] == {"normal": before["brick"]["test_FP"], "hard": 0}
+    assert after["thresholds"]["brick"]["previous_test_FP"] == before["brick"]["test_FP"]
+    assert after["thresholds"]["brick"]["test_FP"] < before["brick"]["test_FP"]
+    assert after["thresholds"]["grass"]["test_FP"] == before["grass"]["test_FP"]
+    saved = np.load(root / "predictions" / "metauas" / "brick" / "predictions.npz")
+    assert len(saved["pred_score"]) == len(dataset) - before["brick"]["test_FP"]  # feedback images held out
+    assert all(str(path).startswith("data/dataset/brick/test/") for path in saved["image_path"])
+    report = (root / "reports" / "report.md").read_text()
+    brick = next(line for line in report.splitlines() if line.startswith("| metauas | brick | target_fpr"))
+    cells = [cell.strip() for cell in brick.split("|")[1:-1]]
+    assert cells[3:5] == [str(before["brick"]["test_FP"]), str(after["thresholds"]["brick"]["test_FP"])]
+    assert stages_run(run_command(["dvc", "repro"], root, env)) == {"feedback"}
 
 
 def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
