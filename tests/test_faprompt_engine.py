@@ -4,20 +4,16 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import open_clip
 import pytest
 import torch
 from anomalib import LearningType
 from anomalib.data import MVTecAD
-from anomalib.deploy import ExportType, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_uas.data import AuxiliaryDataModule
@@ -117,51 +113,6 @@ def test_official_format_save_and_reload(trained: tuple[FAPrompt, Path, list[flo
     expected, output = model.model(images), loaded.model(images)
     torch.testing.assert_close(output.anomaly_map, expected.anomaly_map)
     torch.testing.assert_close(output.pred_score, expected.pred_score)
-
-
-def test_predict_on_a_folder_and_torch_export(
-    demo_root: Path, demo_category: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    folder = tmp_path / "queries"
-    folder.mkdir()
-    for path in sorted((demo_root / demo_category / "test").glob("*/*.png"))[:3]:
-        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
-    model = FAPrompt(**TINY)
-    engine = _engine(tmp_path)
-    predictions = engine.predict(model, data_path=folder)
-    assert sum(len(batch.pred_score) for batch in predictions) == 3
-    assert all(batch.anomaly_map.shape[-2:] == (56, 56) for batch in predictions)
-
-    image = torch.rand(1, 3, 64, 64)
-    model.eval()
-    with torch.no_grad():
-        expected = model(image)
-    torch_path = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
-    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
-    inferred = TorchInferencer(torch_path, device="cpu").predict(image)
-    torch.testing.assert_close(inferred.anomaly_map.view(1, 56, 56), expected.anomaly_map.view(1, 56, 56))
-
-
-def test_onnx_export_matches_eager(tmp_path: Path) -> None:
-    # ONNX tracing time grows with the layer count: a 2-block vision tower (both dual-path) and the 9 text
-    # layers the deep prompts need keep the export fast while running every operation of the real graph.
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 336, "layers": 2, "width": 64, "head_width": 16, "patch_size": 14},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 9},
-    }
-    (tmp_path / "uas-test-mini-ViT-L-14-336.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "uas-test-mini-ViT-L-14-336.json")
-    model = FAPrompt(**{**TINY, "clip_model": "uas-test-mini-ViT-L-14-336"}).eval()
-    image = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(image)
-    onnx_path = model.to_onnx(tmp_path, opset_version=18)
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(names, session.run(None, {"input": image.numpy()}), strict=True))
-    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-5)
-    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-5)
 
 
 def test_anomalib_cli_with_the_repo_config(demo_root: Path, demo_category: str, tmp_path: Path) -> None:

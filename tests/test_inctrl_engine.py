@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 from anomalib.data import MVTecAD, PredictDataset
-from anomalib.deploy import ExportType, TorchInferencer
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
@@ -184,30 +182,6 @@ def test_auxiliary_training_updates_only_trained_parts(demo_root: Path, tmp_path
             torch.testing.assert_close(few_shot.model.state_dict()[key], value, atol=0, rtol=0)
     results = _engine(tmp_path / "test").test(few_shot, datamodule=_datamodule(demo_root, categories[1]), verbose=False)
     assert set(results[0]) >= IMAGE_METRICS
-
-
-def test_export_to_torch_and_onnx_match_eager(
-    fitted: tuple[InCTRL, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model, _ = fitted
-    engine = _engine(tmp_path)
-    image = torch.rand(1, 3, 240, 240)
-    model.eval()
-    with torch.no_grad():
-        expected = model(image)
-
-    torch_path = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
-    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
-    inferred = TorchInferencer(torch_path, device="cpu").predict(image)
-    torch.testing.assert_close(inferred.pred_score.view(1), expected.pred_score.view(1))
-    torch.testing.assert_close(inferred.anomaly_map.view(1, 240, 240), expected.anomaly_map.view(1, 240, 240))
-
-    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    outputs = dict(zip(names, session.run(None, {"input": image.numpy()}), strict=True))
-    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4)
-    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
 
 
 def test_anomalib_cli_with_the_repo_config(demo_root: Path, demo_category: str, tmp_path: Path) -> None:

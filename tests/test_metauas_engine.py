@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 from anomalib.data import Folder, MVTecAD, PredictDataset, Visa
-from anomalib.deploy import ExportType, TorchInferencer
 from anomalib.engine import Engine
 from PIL import Image
 
@@ -147,31 +145,6 @@ def test_predict_on_a_folder_with_given_prompt_images(demo_root: Path, demo_cate
     # without validation data the scores stay the raw sigmoid maxima
     raw = model.model.eval()(model.pre_processor.transform(PredictDataset(folder)[0].image[None]))
     assert float(predictions[0].pred_score[0]) == pytest.approx(float(raw.pred_score[0]), abs=1e-6)
-
-
-def test_export_to_torch_and_onnx_match_eager(
-    demo_root: Path, demo_category: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = MetaUAS(image_size=64, visualizer=False)
-    engine = _engine(tmp_path)
-    engine.fit(model, datamodule=_datamodule(demo_root, demo_category))
-    image = torch.rand(1, 3, 80, 72)
-    model.eval()
-    with torch.no_grad():
-        expected = model(image)
-
-    torch_path = engine.export(model, ExportType.TORCH, export_root=tmp_path / "export")
-    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
-    inferred = TorchInferencer(torch_path, device="cpu").predict(image)
-    torch.testing.assert_close(inferred.anomaly_map.view(1, 64, 64), expected.anomaly_map.view(1, 64, 64))
-
-    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    outputs = dict(
-        zip([o.name for o in session.get_outputs()], session.run(None, {"input": image.numpy()}), strict=True)
-    )
-    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
-    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4)
 
 
 def _cli_test(demo_root: Path, demo_category: str, cwd: Path) -> subprocess.CompletedProcess:

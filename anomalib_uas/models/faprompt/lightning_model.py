@@ -31,15 +31,13 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-from anomalib_uas.models.components.processing import probability_post_processor, segmentation_evaluator
+from anomalib_uas.models.components.base import UniversalModelMixin
 from anomalib_uas.models.faprompt.checkpoint import from_official, read_official, to_official
 from anomalib_uas.models.faprompt.torch_model import REFERENCE_SIZE, FAPromptLoss, FAPromptModel
 
@@ -52,7 +50,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CLIP_PREFIX = "model.clip."
 
 
-class FAPrompt(AnomalibModule):
+class FAPrompt(UniversalModelMixin, AnomalibModule):
     """FAPrompt zero-shot anomaly segmentation.
 
     Args:
@@ -80,6 +78,9 @@ class FAPrompt(AnomalibModule):
     Raises:
         ValueError: For an unknown ``dap_patch_selection``, a negative ``sigma`` or an unusable ``image_size``.
     """
+
+    INFERENCE_LEARNING_TYPE = LearningType.ZERO_SHOT
+    TRAINING_FLAG = "auxiliary_training"
 
     def __init__(
         self,
@@ -197,54 +198,6 @@ class FAPrompt(AnomalibModule):
             ]
         )
         return PreProcessor(transform=transform)
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's post-processor, starting from the probabilities' own [0, 1] scale.
-
-        Validation data replaces the statistics with adaptive thresholds and min-max normalisation; without it
-        (predicting on a folder) scores and maps stay raw with thresholds of 0.5.
-
-        Returns:
-            The post-processor.
-        """
-        return probability_post_processor()
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Threshold-free image and pixel metrics.
-
-        Returns:
-            Evaluator with image AUROC, AUPR, F1Max and pixel AUROC, AUPR, F1Max, AUPRO.
-        """
-        return segmentation_evaluator()
-
-    def val_dataloader(self) -> list:
-        """No validation data of the model's own; the datamodule's is used when there is one.
-
-        Returns:
-            An empty list, so that ``Engine.predict`` works without a datamodule.
-        """
-        return []
-
-    @property
-    def learning_type(self) -> LearningType:
-        """FAPrompt uses no image of the target category.
-
-        Returns:
-            ``LearningType.ZERO_SHOT``, or ``LearningType.ONE_CLASS`` with ``auxiliary_training`` so that
-            ``Engine.fit`` runs gradient steps.
-        """
-        return LearningType.ONE_CLASS if self.auxiliary_training else LearningType.ZERO_SHOT
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Trainer arguments: none for inference; auxiliary training has no sanity validation.
-
-        Returns:
-            Keyword arguments merged into the Trainer.
-        """
-        return {"num_sanity_val_steps": 0} if self.auxiliary_training else {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam over the prompt learner for auxiliary training (the official optimiser); nothing otherwise.

@@ -37,16 +37,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_uas.data.images import list_images, read_image
-from anomalib_uas.models.components.processing import probability_post_processor, segmentation_evaluator
+from anomalib_uas.models.components.base import UniversalModelMixin
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.inctrl.checkpoint import load_official, read_official, split_official
 from anomalib_uas.models.inctrl.torch_model import FEATURE_LAYERS, InCTRLModel
@@ -130,7 +128,7 @@ class _AuxiliaryPool:
         return [candidates[i] for i in order.tolist()]
 
 
-class InCTRL(AnomalibModule):
+class InCTRL(UniversalModelMixin, AnomalibModule):
     """InCTRL few-shot generalist anomaly detection.
 
     Args:
@@ -159,6 +157,9 @@ class InCTRL(AnomalibModule):
     Raises:
         ValueError: For ``k_shot`` outside 1 to 8.
     """
+
+    INFERENCE_LEARNING_TYPE = LearningType.FEW_SHOT
+    TRAINING_FLAG = "auxiliary_training"
 
     def __init__(
         self,
@@ -263,54 +264,6 @@ class InCTRL(AnomalibModule):
             ]
         )
         return PreProcessor(transform=transform)
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's post-processor, starting from the scores' own [0, 1] scale.
-
-        Validation data replaces the statistics with adaptive thresholds and min-max normalisation; without it
-        (predicting on a folder) scores stay raw with thresholds of 0.5.
-
-        Returns:
-            The post-processor.
-        """
-        return probability_post_processor()
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Threshold-free image metrics, and pixel metrics of the patch residual map when masks exist.
-
-        Returns:
-            Evaluator with image AUROC, AUPR, F1Max and pixel AUROC, AUPR, F1Max, AUPRO.
-        """
-        return segmentation_evaluator()
-
-    def val_dataloader(self) -> list:
-        """No validation data of the model's own; the datamodule's is used when there is one.
-
-        Returns:
-            An empty list, so that ``Engine.predict`` works without a datamodule.
-        """
-        return []
-
-    @property
-    def learning_type(self) -> LearningType:
-        """InCTRL needs k normal prompt images and no training on the target.
-
-        Returns:
-            ``LearningType.FEW_SHOT``, or ``LearningType.ONE_CLASS`` with ``auxiliary_training`` so that
-            ``Engine.fit`` runs gradient steps.
-        """
-        return LearningType.ONE_CLASS if self.auxiliary_training else LearningType.FEW_SHOT
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Trainer arguments: none for inference; auxiliary training has no sanity validation.
-
-        Returns:
-            Keyword arguments merged into the Trainer.
-        """
-        return {"num_sanity_val_steps": 0} if self.auxiliary_training else {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW over the adapter and the heads for auxiliary training (the official optimiser); nothing otherwise.

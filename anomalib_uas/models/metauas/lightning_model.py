@@ -40,14 +40,12 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_uas.data.images import list_images, read_image
-from anomalib_uas.models.components.processing import probability_post_processor, segmentation_evaluator
+from anomalib_uas.models.components.base import UniversalModelMixin
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.components.transforms import SizedPreProcessor
 from anomalib_uas.models.metauas.checkpoint import (
@@ -87,7 +85,7 @@ def _resolve_architecture(weights: str | None, given: dict[str, Any]) -> dict[st
     }
 
 
-class MetaUAS(AnomalibModule):
+class MetaUAS(UniversalModelMixin, AnomalibModule):
     """MetaUAS universal anomaly segmentation.
 
     The architecture arguments (``backbone``, ``fusion``, ``decoder_channels``, ``image_size``) left at ``None``
@@ -127,6 +125,9 @@ class MetaUAS(AnomalibModule):
         ValueError: For an image size that is not a multiple of 32, an unknown strategy, or ``"pool"`` without
             ``prompt_source``.
     """
+
+    INFERENCE_LEARNING_TYPE = LearningType.FEW_SHOT
+    TRAINING_FLAG = "meta_train"
 
     def __init__(
         self,
@@ -315,55 +316,6 @@ class MetaUAS(AnomalibModule):
         """
         size = image_size if isinstance(image_size, int) else (image_size or (256, 256))[0]
         return SizedPreProcessor(size, IMAGENET_MEAN, IMAGENET_STD)
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's post-processor, starting from the sigmoid map's own scale.
-
-        Validation data replaces the statistics with adaptive thresholds and min-max normalisation. Without
-        validation data (predicting on a folder), scores stay the raw change probabilities and both image and
-        pixel thresholds are 0.5.
-
-        Returns:
-            The post-processor.
-        """
-        return probability_post_processor()
-
-    def val_dataloader(self) -> list:
-        """No validation data of the model's own; the datamodule's is used when there is one.
-
-        Returns:
-            An empty list, so that ``Engine.predict`` works without a datamodule.
-        """
-        return []
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Threshold-free image and pixel metrics.
-
-        Returns:
-            Evaluator with image AUROC, AUPR, F1Max and pixel AUROC, AUPR, F1Max, AUPRO.
-        """
-        return segmentation_evaluator()
-
-    @property
-    def learning_type(self) -> LearningType:
-        """MetaUAS needs a few normal prompt images and no training on the target.
-
-        Returns:
-            ``LearningType.FEW_SHOT``, or ``LearningType.ONE_CLASS`` with ``meta_train`` so that ``Engine.fit``
-            runs gradient steps on change pairs.
-        """
-        return LearningType.ONE_CLASS if self.meta_train else LearningType.FEW_SHOT
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Trainer arguments: none for inference; meta-training has no sanity validation.
-
-        Returns:
-            Keyword arguments merged into the Trainer.
-        """
-        return {"num_sanity_val_steps": 0} if self.meta_train else {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW over the trainable parameters when meta-training; nothing otherwise.
