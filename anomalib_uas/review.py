@@ -376,10 +376,10 @@ def _stop(processes: Sequence[psutil.Process]) -> None:
 def launch_review(name: str, port: int = 5151, address: str = "127.0.0.1", view: str | None = None) -> Iterator[Any]:
     """Serve the FiftyOne App for a review dataset on loopback, and stop it when the block ends.
 
-    FiftyOne stops its App server by waiting, without a limit, for it to finish its open requests, and an open
-    browser tab keeps one open forever, so a closed session could leave the server running. Here the App's
-    processes (those started by the launch) are terminated, and killed after :data:`_STOP_SECONDS`, before the
-    session closes. The database service, shared with other FiftyOne processes, ends by itself with its last client.
+    An interrupted ``session.wait()`` leaves FiftyOne's App server and its service wrapper running, and FiftyOne's
+    own stop waits for them without a limit. Here, when the block ends for any reason, the processes the launch
+    started are terminated (killed after :data:`_STOP_SECONDS`) and the session is closed. The database service,
+    shared with other FiftyOne processes, ends by itself with its last client.
 
     Args:
         name: Dataset name.

@@ -50,6 +50,7 @@ def review(evaluation: Path, demo_category: str):
     dataset = build_review_dataset(
         "metauas", demo_category, evaluation, image_threshold=threshold, pixel_threshold=0.5,
         embeddings=embeddings, prompt_paths=["prompt.png"], mlflow_run_id="run-1",
+        rebuild=True,  # the pipeline tests of this session may have left a dataset of that name
     )  # fmt: skip
     yield dataset, saved, threshold
     dataset.delete()

@@ -45,9 +45,9 @@ def main(
         rebuild: Delete each dataset first, with the reviewers' work.
 
     Returns:
-        The summary.
+        The summary (samples whose image left the predictions are not counted; they are in the ``removed`` view).
     """
-    from anomalib_uas.review import build_review_dataset
+    from anomalib_uas.review import F, build_review_dataset
 
     params = load_params(params_file)
     counts: dict[str, Any] = {}
@@ -79,8 +79,9 @@ def main(
                     pixel_threshold=evaluation["thresholds"][category]["pixel_threshold"],
                     rebuild=rebuild,
                 )
-                found = dataset.count_values("eval")
-                counts[dataset.name] = {"FP": found.get("FP", 0), "FN": found.get("FN", 0), "samples": len(dataset)}
+                active = dataset.match(F("removed") == False)  # noqa: E712 (a query expression, not a comparison)
+                found = active.count_values("eval")
+                counts[dataset.name] = {"FP": found.get("FP", 0), "FN": found.get("FN", 0), "samples": len(active)}
         write_json(summary_out, counts)
     return counts
 
