@@ -97,7 +97,6 @@ def _serve(args: argparse.Namespace) -> None:
     mlflow.set_tracking_uri(tracking.tracking_uri())  # resolves models:/<name>@<alias>
     alias = "champion" if args.model is None else f"champion-{args.model}"
     uri = f"models:/{tracking.registered_name(args.category)}@{alias}"
-    print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
     if args.image_root is not None and not args.image_root.is_dir():
         msg = f"--image-root {args.image_root} is not a folder; give the folder whose images requests may name."
         raise ValueError(msg)
@@ -109,6 +108,7 @@ def _serve(args: argparse.Namespace) -> None:
         timeout_s=args.timeout,
         image_root=args.image_root,
     )
+    print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
     serve(uri, host=args.host, port=args.port, limits=bounds)
 
 

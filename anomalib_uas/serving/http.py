@@ -261,11 +261,22 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5055, limits: Lim
         host: Interface to listen on.
         port: Port.
         limits: Request bounds (defaults: :class:`Limits`).
+
+    Raises:
+        ValueError: No such registered model in the tracking store.
     """
     import mlflow
     import uvicorn
+    from mlflow.exceptions import MlflowException
 
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    try:
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except MlflowException as exc:
+        msg = (
+            f"Cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc.message.rstrip('.')}. Register it "
+            "first (the evaluate stage with registry.register), or set MLFLOW_TRACKING_URI to the store holding it."
+        )
+        raise ValueError(msg) from exc
     app = ScoringApp(model, limits or Limits(), mlflow.__version__)
     logger.info("Serving %s on http://%s:%d/invocations", model_uri, host, port)
     uvicorn.run(app, host=host, port=port, workers=1, log_level="warning")
