@@ -22,7 +22,7 @@ import binascii
 import contextlib
 import io
 import re
-import threading
+from concurrent.futures import Executor
 from pathlib import Path
 
 import torch
@@ -61,7 +61,9 @@ class RequestImages:
         image_root: Folder under which ``image_path`` may point (REST), or ``None``.
         trusted: An in-process or Spark caller: ``image_path`` is read wherever it points and the pixel budget
             holds per row, not per request.
-        slots: Shared by the requests of a server: how many images are decoded at once.
+        decoder: Shared by the requests of a server: the few threads that decode images (so at most that many
+            are decoded at once, and the memory the C allocator keeps after a large image stays with those
+            threads instead of growing in every request thread); ``None`` decodes in the calling thread.
     """
 
     def __init__(
@@ -70,10 +72,10 @@ class RequestImages:
         min_side: int,
         image_root: Path | None,
         trusted: bool,
-        slots: threading.Semaphore | None = None,
+        decoder: Executor | None = None,
     ) -> None:
         self.limits = limits
-        self.slots = slots or threading.Semaphore(1)
+        self.decoder = decoder
         self.min_side = min_side
         self.image_root = image_root.resolve() if image_root is not None else None
         self.trusted = trusted
@@ -100,8 +102,9 @@ class RequestImages:
         raw = image_bytes(data)
         self._charge(raw)
         try:
-            with self.slots:
+            if self.decoder is None:
                 return decode_image(raw, max_aspect=self.limits.max_aspect, min_side=self.min_side)
+            return self.decoder.submit(decode_image, raw, None, self.limits.max_aspect, self.min_side).result()
         except ValueError as exc:
             msg = f"{name}: {exc}"
             raise BadRequest(msg) from exc

@@ -45,7 +45,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Scope = MutableMapping[str, Any]
 FORMATS = ("dataframe_split", "dataframe_records")
-DECODE_SLOTS = 2  # images decoded at once, whatever the number of requests: the peak of decoding memory
+DECODE_THREADS = 2  # images decoded at once, whatever the number of requests: the peak of decoding memory
 
 
 def _rows(payload: Any) -> tuple[list[dict[str, Any]], str]:
@@ -120,7 +120,7 @@ class ScoringApp:
         self.in_flight = 0
         # work of given-up requests runs on until its next row or forward, so there are threads for both
         self.executor = concurrent.futures.ThreadPoolExecutor(2 * limits.max_in_flight, thread_name_prefix="uas")
-        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self.decoder = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="uas-decode")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route a request.
@@ -202,7 +202,7 @@ class ScoringApp:
     def _work(self, body: bytes, cancel: threading.Event) -> list[dict[str, Any]]:
         rows, map_format = _parse(body)
         images = RequestImages(
-            self.limits, self.model.min_side, self.limits.image_root, trusted=False, slots=self.decode_slots
+            self.limits, self.model.min_side, self.limits.image_root, trusted=False, decoder=self.decoder
         )
         return self.model.score(rows, map_format, images, cancel)
 
@@ -261,11 +261,22 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5055, limits: Lim
         host: Interface to listen on.
         port: Port.
         limits: Request bounds (defaults: :class:`Limits`).
+
+    Raises:
+        ValueError: No such registered model in the tracking store.
     """
     import mlflow
     import uvicorn
+    from mlflow.exceptions import MlflowException
 
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    try:
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except MlflowException as exc:
+        msg = (
+            f"Cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc.message.rstrip('.')}. Register it "
+            "first (the evaluate stage with registry.register), or set MLFLOW_TRACKING_URI to the store holding it."
+        )
+        raise ValueError(msg) from exc
     app = ScoringApp(model, limits or Limits(), mlflow.__version__)
     logger.info("Serving %s on http://%s:%d/invocations", model_uri, host, port)
     uvicorn.run(app, host=host, port=port, workers=1, log_level="warning")

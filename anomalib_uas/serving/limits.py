@@ -82,7 +82,9 @@ class Limits:
             ValueError: A bound that is not positive.
         """
         bounds = {"max body": self.max_body_bytes, "max megapixels": self.max_megapixels, "timeout": self.timeout_s}
-        bounds |= {"max rows": self.max_rows or 1, "max in flight": self.max_in_flight, "max aspect": self.max_aspect}
+        bounds |= {"max in flight": self.max_in_flight, "max aspect": self.max_aspect}
+        if self.max_rows is not None:
+            bounds["max rows"] = self.max_rows
         for name, value in bounds.items():
             if value <= 0:
                 msg = f"The {name} limit must be positive, got {value}."
