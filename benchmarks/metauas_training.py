@@ -9,8 +9,8 @@ prompt per category (the seeded random protocol of the paper):
 
 * **trained**: the recipe's checkpoint, loaded with ``MetaUAS.from_checkpoint``;
 * **untrained**: the same architecture and ImageNet encoder with the decoder at its seeded initialisation;
-* **feature distance**: :class:`~anomalib_uas.models.metauas.baseline.PromptDistanceModel`, the distance of each query
-  patch to its nearest prompt patch in the same encoder's features.
+* **nearest patch**: :class:`~anomalib_uas.models.metauas.baseline.PromptDistanceModel`, the L2 distance of each query
+  patch to its nearest prompt patch in pooled stride-8/16 ImageNet features of the same encoder.
 
 All three are scored by the metrics of ``MetaUAS.configure_evaluator`` on raw scores and maps (the metrics are
 threshold-free). The report gives the training time in minutes and optimisation steps per second, the CPU's
@@ -70,7 +70,9 @@ def _distance_scorer(module: MetaUAS) -> Scorer:
 
     def score(images: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         output = baseline(images, prompt)
-        return output.pred_score, output.anomaly_map
+        # distances are unbounded, and the metrics squash scores outside [0, 1] with a sigmoid (saturating to ties):
+        # d / (1 + d) keeps the order within [0, 1)
+        return output.pred_score / (1 + output.pred_score), output.anomaly_map / (1 + output.anomaly_map)
 
     return score
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--skip-evaluation", action="store_true", help="time the training only")
+    parser.add_argument("--checkpoint", type=Path, help="evaluate this recipe checkpoint instead of training one")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe: dict[str, Any] = dict(params["train"]["metauas"])
@@ -149,17 +152,22 @@ def main(argv: list[str] | None = None) -> None:
             Path(workdir) / "demo", categories=data["categories"], image_size=data["image_size"], seed=data["seed"]
         )
         start, cpu_start = time.perf_counter(), time.process_time()
-        checkpoint = train_metauas(Path(workdir) / "training", enable_progress_bar=False, **recipe)
+        checkpoint = args.checkpoint or train_metauas(Path(workdir) / "training", enable_progress_bar=False, **recipe)
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
-        minutes = seconds / 60.0
+        timing = (
+            f"Training took **{seconds / 60:.1f} min** ({recipe['max_steps'] / seconds:.2f} steps/s, "
+            f"{cpu_seconds / seconds:.2f} CPU-seconds per second)."
+            if args.checkpoint is None
+            else f"Not trained here: evaluates `{args.checkpoint}`."
+        )
         architecture = {key: recipe[key] for key in ("backbone", "fusion", "decoder_channels", "seed")}
         untrained = MetaUAS(image_size=image_size, **architecture)
         trained = MetaUAS.from_checkpoint(checkpoint, image_size=image_size, seed=recipe["seed"])
         scorers = {
             "trained": _metauas_scorer(trained),
             "untrained": _metauas_scorer(untrained),
-            "feature distance": _distance_scorer(untrained),
+            "nearest patch": _distance_scorer(untrained),
         }
         results = {
             name: {category: evaluate(scorer, root, category, image_size, seed) for category in data["categories"]}
@@ -178,8 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; load average before training "
             f"{load[0]:.1f}.",
             "",
-            f"Recipe: {recipe_text}. Training took **{minutes:.1f} min** ({recipe['max_steps'] / seconds:.2f} steps/s, "
-            f"{cpu_seconds / seconds:.2f} CPU-seconds per second).",
+            f"Recipe: {recipe_text}. {timing}",
             "",
             f"One seeded random normal prompt per category, evaluated at {image_size} px on the demo dataset "
             f"({', '.join(data['categories'])}):",
