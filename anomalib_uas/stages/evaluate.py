@@ -135,8 +135,9 @@ def _evaluate(
 
     def build(category: str) -> Any:
         pool = prompt_pool(dataset, category, params.evaluate.prompt_source, marks[category])
-        extra = {spec.prompt_pool: pool} if spec.prompt_pool and pool else {}
-        return load_model(model, status.checkpoint_path, status.clip_weights_path, visualizer=False, **kwargs, **extra)
+        pooled = {spec.prompt_pool: pool} if spec.prompt_pool and pool else {}
+        arguments = {**kwargs, **pooled, "visualizer": False}  # the pool replaces the evaluation's prompt source
+        return load_model(model, status.checkpoint_path, status.clip_weights_path, **arguments)
 
     def scored(category: str, prompts: list[str]) -> dict[str, list[str]]:
         return {
