@@ -479,30 +479,5 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
         del args, kwargs
         return self._score(batch)
 
-    def test_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """Score a test batch in place, as :meth:`validation_step`.
-
-        Args:
-            batch: Input batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The scored batch.
-        """
-        del args, kwargs
-        return self._score(batch)
-
-    def predict_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """Score a batch to predict in place, as :meth:`validation_step`.
-
-        Args:
-            batch: Input batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The scored batch.
-        """
-        del args, kwargs
-        return self._score(batch)
+    test_step = validation_step
+    predict_step = validation_step
