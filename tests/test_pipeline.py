@@ -224,6 +224,7 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(project: t
     false_positives = dataset.match(F("eval") == "FP")
     assert len(false_positives) == before["brick"]["test_FP"] > 0
     false_positives.tag_samples(NORMAL_TAG)
+    grass = (root / "predictions" / "metauas" / "grass" / "predictions.npz").read_bytes()
 
     ran = stages_run(run_command(["dvc", "repro"], root, env))
     assert {"feedback", "evaluate@metauas", "report", "review"} <= ran
@@ -232,10 +233,12 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(project: t
     provenance = json.loads((root / "data" / "feedback" / "brick" / "provenance.json").read_text())
     assert {mark["dataset"] for entry in provenance["normal"] for mark in entry["marks"]} == {"uas-metauas-brick"}
     after = json.loads(evaluation.read_text())
+    assert (after["evaluated"], after["reused"]) == (["brick"], ["grass"])  # the category with feedback only
     assert after["feedback"]["brick"] == {"normal": before["brick"]["test_FP"], "hard": 0}
     assert after["thresholds"]["brick"]["previous_test_FP"] == before["brick"]["test_FP"]
     assert after["thresholds"]["brick"]["test_FP"] < before["brick"]["test_FP"]
-    assert after["thresholds"]["grass"]["test_FP"] == before["grass"]["test_FP"]
+    assert after["thresholds"]["grass"] == before["grass"]
+    assert (root / "predictions" / "metauas" / "grass" / "predictions.npz").read_bytes() == grass
     saved = np.load(root / "predictions" / "metauas" / "brick" / "predictions.npz")
     assert len(saved["pred_score"]) == len(dataset) - before["brick"]["test_FP"]  # feedback images held out
     assert all(str(path).startswith("data/dataset/brick/test/") for path in saved["image_path"])

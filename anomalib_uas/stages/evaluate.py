@@ -12,6 +12,10 @@ set (the category's ``train/good`` images that were not prompts, and the reviewe
 false-alarm and miss rates on the test set are reported with the previous evaluation's false positives; the
 F1-optimal image threshold is recorded beside it. The registered model and the server use the target-rate threshold.
 
+A category whose inputs (code, weights, parameters, images, feedback: a fingerprint in ``evaluation.json``) are
+those of the previous evaluation keeps its previous predictions, metrics and registered version; only the other
+categories are tested again (feedback for one category re-evaluates that category only).
+
 Reviewers' feedback (``data/feedback``, see :mod:`anomalib_uas.stages.evaluation_inputs`) is held out of the test
 metrics and reported separately (feedback normals still alarming, hard cases still missed); feedback normals join
 the prompt pool of the models that take prompts.
@@ -23,9 +27,12 @@ a download; the outputs are replaced only when every category was evaluated.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +104,7 @@ def main(
     categories = list(params.data.categories)
     check_categories(dataset, categories)
     status = read_status(checkpoints)
-    previous = _previous_false_positives(predictions / "evaluation.json")
+    previous = _Previous.read(predictions, reports)
     marks = {category: read_feedback(feedback or Path("/nonexistent"), category) for category in categories}
     with replacing(predictions, reports) as (predictions_out, reports_out):
         predictions_out.mkdir()
@@ -112,12 +119,46 @@ def main(
     return metrics
 
 
-def _previous_false_positives(evaluation: Path) -> dict[str, int]:
-    """Per category, the false positives of the previous evaluation (the outputs persist until replaced)."""
-    if not evaluation.is_file():
-        return {}
-    thresholds = json.loads(evaluation.read_text()).get("thresholds", {})
-    return {category: found["test_FP"] for category, found in thresholds.items() if "test_FP" in found}
+@dataclass(frozen=True)
+class _Previous:
+    """The previous evaluation of the model (outputs persist until a run replaces them)."""
+
+    folder: Path
+    evaluation: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @classmethod
+    def read(cls, predictions: Path, reports: Path) -> _Previous:
+        def load(path: Path) -> dict[str, Any]:
+            return json.loads(path.read_text()) if path.is_file() else {}
+
+        return cls(predictions, load(predictions / "evaluation.json"), load(reports / "metrics.json"))
+
+    def reusable(self, category: str, fingerprint: str) -> bool:
+        """Whether the category was evaluated on exactly the same inputs and its outputs are all there."""
+        return (
+            self.evaluation.get("fingerprints", {}).get(category) == fingerprint
+            and category in self.metrics.get("categories", {})
+            and (self.folder / category / "predictions.npz").is_file()
+        )
+
+    def false_positives(self, category: str) -> int | None:
+        """The category's false positives at the previous image threshold."""
+        return self.evaluation.get("thresholds", {}).get(category, {}).get("test_FP")
+
+
+def _fingerprint(category: str, dataset: Path, status: Status, params: Params, feedback: Feedback) -> str:
+    """What a category's evaluation depends on: code, weights, parameters, its images and its feedback."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([status.to_json(), params.evaluate.model_dump(), params.as_dict()["registry"]]).encode())
+    weights = [status.checkpoint_path, *([status.clip_weights_path] if status.clip_weights_path else [])]
+    files = [*sorted(Path(__file__).parents[1].rglob("*.py")), *weights]
+    files += sorted(path for path in (dataset / category).rglob("*") if path.is_file())
+    files += [Path(path) for path in [*feedback.normal, *feedback.hard]]
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _evaluate(
@@ -126,12 +167,17 @@ def _evaluate(
     dataset: Path,
     status: Status,
     marks: dict[str, Feedback],
-    previous: dict[str, int],
+    previous: _Previous,
     predictions: Path,
     reports: Path,
 ) -> dict[str, Any]:
     spec, kwargs = get_spec(model), model_kwargs(model, status, params)
     categories = list(params.data.categories)
+    fingerprints = {c: _fingerprint(c, dataset, status, params, marks[c]) for c in categories}
+    reused = [category for category in categories if previous.reusable(category, fingerprints[category])]
+    fresh = [category for category in categories if category not in reused]
+    for category in reused:  # same inputs as last time: keep its predictions, metrics and registered version
+        shutil.copytree(previous.folder / category, predictions / category)
 
     def build(category: str) -> Any:
         pool = prompt_pool(dataset, category, params.evaluate.prompt_source, marks[category])
@@ -149,8 +195,8 @@ def _evaluate(
     with tracking.stage_run("evaluate", model, params.as_dict()) as run, tempfile.TemporaryDirectory() as view:
         rows = evaluate_model(
             build,
-            test_split(dataset, categories, marks, Path(view)),
-            categories,
+            test_split(dataset, fresh, marks, Path(view)),
+            fresh,
             output_dir=Path(view) / ".engine",
             predictions_dir=predictions,
             batch_size=params.evaluate.batch_size,
@@ -164,8 +210,14 @@ def _evaluate(
         }
         for row in rows:
             row.update({key: found[row["category"]][f"test_{key}"] for key in RATES})
-            if row["category"] in previous:
-                found[row["category"]]["previous_test_FP"] = previous[row["category"]]
+            if previous.false_positives(row["category"]) is not None:
+                found[row["category"]]["previous_test_FP"] = previous.false_positives(row["category"])
+        registered = list(rows)
+        for category in reused:
+            found[category] = previous.evaluation["thresholds"][category]
+            prompts = previous.evaluation["prompt_paths"][category]
+            rows.append({"category": category, **previous.metrics["categories"][category], "prompt_paths": prompts})
+        rows.sort(key=lambda row: categories.index(row["category"]))
         columns = [*METRICS, *RATES, "ms_per_image"]
         per_category = {row["category"]: {c: row[c] for c in columns if c in row} for row in rows}
         metrics = {
@@ -188,6 +240,9 @@ def _evaluate(
                 "thresholds": found,
                 "prompt_paths": {row["category"]: row["prompt_paths"] for row in rows},
                 "feedback": {c: {"normal": len(marks[c].normal), "hard": len(marks[c].hard)} for c in categories},
+                "fingerprints": fingerprints,
+                "evaluated": fresh,
+                "reused": reused,
             },
         )
         mlflow.log_metrics({f"mean.{k}": v for k, v in metrics["mean"].items()})
@@ -195,7 +250,7 @@ def _evaluate(
             mlflow.log_metrics({f"{category}.{k}": v for k, v in values.items()})
         _log_artifacts(model, metrics, reports, predictions)
         if params.registry.register_models:
-            for row in rows:
+            for row in registered:
                 category = row["category"]
                 registry.register_model(
                     registry.ServableModel(
