@@ -49,7 +49,7 @@ from anomalib_uas.data.images import list_images
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLUMNS", "Inspection", "load_scorer", "predict_dataset_name", "predict_folder"]
+__all__ = ["COLUMNS", "Inspection", "load_scorer", "predict_folder"]
 
 COLUMNS = ("path", "score", "label", "threshold", "mask", "heatmap", "error")
 THUMBNAIL = 192
@@ -76,18 +76,6 @@ class Inspection:
     images: int
     flagged: int
     errors: int
-
-
-def predict_dataset_name(category: str) -> str:
-    """Name of the FiftyOne dataset that collects ``uas predict --review`` results of a category.
-
-    Args:
-        category: Category.
-
-    Returns:
-        ``"uas-predict-<category>"``.
-    """
-    return f"uas-predict-{category}"
 
 
 def _resolve(category: str, model: str | None, checkpoint: str | None) -> str:
@@ -203,7 +191,7 @@ def _score(scorer: Any, path: Path, names: tuple[Path, Path], output: Path, thre
 
 
 def _add_to_review(rows: list[dict[str, Any]], output: Path, category: str, model: str, uri: str) -> str:
-    from anomalib_uas.review import F, classification, fo, upsert_samples
+    from anomalib_uas.review import F, classification, fo, predict_dataset_name, upsert_samples
 
     name = predict_dataset_name(category)
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)

@@ -99,6 +99,7 @@ __all__ = [
     "dataset_name",
     "delete_review_datasets",
     "launch_review",
+    "predict_dataset_name",
     "serve_review",
     "upsert_samples",
 ]
@@ -133,6 +134,18 @@ def dataset_name(model: str, category: str) -> str:
         ``"uas-<model>-<category>"``.
     """
     return f"uas-{model}-{category}"
+
+
+def predict_dataset_name(category: str) -> str:
+    """Name of the FiftyOne dataset that collects ``uas predict --review`` results of a category.
+
+    Args:
+        category: Category.
+
+    Returns:
+        ``"uas-predict-<category>"``.
+    """
+    return f"uas-predict-{category}"
 
 
 def delete_review_datasets(names: Sequence[str]) -> list[str]:

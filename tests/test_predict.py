@@ -24,7 +24,8 @@ from anomalib_uas import registry, tracking
 from anomalib_uas.cli import main
 from anomalib_uas.models import MetaUAS
 from anomalib_uas.models.metauas.checkpoint import to_official
-from anomalib_uas.predict import COLUMNS, predict_dataset_name, predict_folder
+from anomalib_uas.predict import COLUMNS, predict_folder
+from anomalib_uas.review import predict_dataset_name
 
 pytestmark = pytest.mark.slow
 

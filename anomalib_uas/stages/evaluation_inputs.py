@@ -98,7 +98,7 @@ def prompt_pool(dataset: Path, category: str, source: str | None, feedback: Feed
 def test_split(dataset: Path, categories: list[str], feedback: dict[str, Feedback], folder: Path) -> Path:
     """An MVTec-layout view of the dataset without the feedback images in any test split.
 
-    Categories without feedback are linked whole; the test images of the others are linked one by one, except the
+    Categories without feedback are linked whole; the files of the others are linked one by one, except the test
     images whose content equals a feedback image.
 
     Args:
@@ -118,12 +118,8 @@ def test_split(dataset: Path, categories: list[str], feedback: dict[str, Feedbac
         if not digests:
             target.symlink_to(source, target_is_directory=True)
             continue
-        for part in source.iterdir():
-            if part.name != "test":
-                target.mkdir(parents=True, exist_ok=True)
-                (target / part.name).symlink_to(part, target_is_directory=part.is_dir())
-        for image in sorted((source / "test").rglob("*")):
-            if image.is_file() and _sha256(image) not in digests:
+        for image in sorted(source.rglob("*")):  # file by file: dataset walks do not follow linked folders
+            if image.is_file() and not (image.relative_to(source).parts[0] == "test" and _sha256(image) in digests):
                 link = target / image.relative_to(source)
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(image)

@@ -24,6 +24,9 @@ __all__ = ["cli", "main"]
 def main(params_file: Path, output: Path) -> dict[str, dict[str, int]]:
     """Export the feedback of every category of ``data.categories``.
 
+    Marks are read from this pipeline's review datasets (``uas-<model>-<category>``) and from the ``uas predict
+    --review`` datasets of its categories; other datasets in the same database are not this pipeline's.
+
     Args:
         params_file: ``params.yaml``.
         output: The feedback folder (``data/feedback``).
@@ -32,9 +35,13 @@ def main(params_file: Path, output: Path) -> dict[str, dict[str, int]]:
         Per category, the number of exported normal and hard images.
     """
     from anomalib_uas.feedback import export_feedback
+    from anomalib_uas.review import dataset_name, fo, predict_dataset_name
 
     params = load_params(params_file)
-    return export_feedback(output, categories=params.data.categories)
+    categories = params.data.categories
+    names = [dataset_name(model, category) for model in params.models for category in categories]
+    names += [predict_dataset_name(category) for category in categories]
+    return export_feedback(output, datasets=[name for name in names if fo.dataset_exists(name)], categories=categories)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
