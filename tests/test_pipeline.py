@@ -224,6 +224,14 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(project: t
     false_positives = dataset.match(F("eval") == "FP")
     assert len(false_positives) == before["brick"]["test_FP"] > 0
     false_positives.tag_samples(NORMAL_TAG)
+    try:
+        _assert_feedback_is_used(root, env, dataset, before)
+    finally:  # the database is shared by the session: leave no marks for the other pipeline tests
+        dataset.untag_samples(NORMAL_TAG)
+
+
+def _assert_feedback_is_used(root: Path, env: dict[str, str], dataset: Any, before: dict[str, Any]) -> None:
+    evaluation = root / "predictions" / "metauas" / "evaluation.json"
     grass = (root / "predictions" / "metauas" / "grass" / "predictions.npz").read_bytes()
 
     ran = stages_run(run_command(["dvc", "repro"], root, env))
