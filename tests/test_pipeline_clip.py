@@ -148,7 +148,7 @@ def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
     ran = stages_run(
         run_command(["dvc", "repro"], root, env)
     )  # weights/faprompt is a dependency of FAPrompt's branch only
-    assert ran == {"weights@faprompt", "evaluate@faprompt", "report", "review"}
+    assert ran == {"feedback", "weights@faprompt", "evaluate@faprompt", "report", "review"}  # feedback always runs
     metrics = _metrics(root, "faprompt")
     assert metrics["skipped"] == 0
     assert {"image_AUROC", "pixel_AUPRO"} <= set(metrics["categories"]["brick"])
