@@ -272,8 +272,10 @@ def _saved(path: Path, view: str, dataset: Path) -> dict[str, np.ndarray]:
     """A category's saved predictions, with image paths of the dataset instead of the test-split view's links."""
     saved = dict(np.load(path))
     paths = [str(p) for p in saved["image_path"]]
-    if any(p.startswith(view) for p in paths):
-        saved["image_path"] = np.array([str(dataset) + p[len(view) :] if p.startswith(view) else p for p in paths])
+    prefixes = (view, str(Path(view).resolve()), str(dataset.resolve()))  # linked categories resolve to the dataset
+    mapped = [next((str(dataset) + p[len(x) :] for x in prefixes if p.startswith(x + "/")), p) for p in paths]
+    if mapped != paths:
+        saved["image_path"] = np.array(mapped)
         np.savez_compressed(path, **saved)
     return saved
 

@@ -10,6 +10,8 @@ join the normal images that set the image threshold and the pool prompts are dra
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +100,8 @@ def prompt_pool(dataset: Path, category: str, source: str | None, feedback: Feed
 def test_split(dataset: Path, categories: list[str], feedback: dict[str, Feedback], folder: Path) -> Path:
     """An MVTec-layout view of the dataset without the feedback images in any test split.
 
-    Categories without feedback are linked whole; the files of the others are linked one by one, except the test
-    images whose content equals a feedback image.
+    Categories without feedback are linked whole; the files of the others are hard-linked (copied across file
+    systems) one by one, except the test images whose content equals a feedback image.
 
     Args:
         dataset: The dataset folder.
@@ -118,9 +120,12 @@ def test_split(dataset: Path, categories: list[str], feedback: dict[str, Feedbac
         if not digests:
             target.symlink_to(source, target_is_directory=True)
             continue
-        for image in sorted(source.rglob("*")):  # file by file: dataset walks do not follow linked folders
+        for image in sorted(source.rglob("*")):  # anomalib keeps only files that resolve inside the root: no links
             if image.is_file() and not (image.relative_to(source).parts[0] == "test" and _sha256(image) in digests):
-                link = target / image.relative_to(source)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(image)
+                copy = target / image.relative_to(source)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(image, copy)
+                except OSError:  # another file system
+                    shutil.copy2(image, copy)
     return folder
