@@ -46,7 +46,7 @@ from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.models import MetaUAS
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.metauas.baseline import PromptDistanceModel
-from anomalib_uas.models.metauas.training import train_metauas
+from anomalib_uas.models.metauas.training import idle_cores, train_metauas
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "metauas_training.md"
@@ -134,12 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, help="Override the recipe's optimisation steps.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the idle cores, as the pipeline)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--skip-evaluation", action="store_true", help="time the training only")
     parser.add_argument("--checkpoint", type=Path, help="evaluate this recipe checkpoint instead of training one")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads = args.threads or min(idle_cores(), torch.get_num_threads())
+    torch.set_num_threads(threads)
     recipe: dict[str, Any] = dict(params["train"]["metauas"])
     if args.max_steps is not None:
         recipe["max_steps"] = args.max_steps
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
             Path(workdir) / "demo", categories=data["categories"], image_size=data["image_size"], seed=data["seed"]
         )
         start, cpu_start = time.perf_counter(), time.process_time()
-        checkpoint = args.checkpoint or train_metauas(Path(workdir) / "training", enable_progress_bar=False, **recipe)
+        checkpoint = args.checkpoint or train_metauas(
+            Path(workdir) / "training", threads=threads, enable_progress_bar=False, **recipe
+        )
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
         timing = (
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             "# MetaUAS offline recipe",
             "",
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__} with {args.threads} threads.",
+            f"{os.cpu_count()} CPUs, torch {torch.__version__} with {threads} threads.",
             "",
             f"CPU: {_isa()}; overrides: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
             f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; load average before training "

@@ -18,6 +18,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_uas.models import MetaUAS
+from anomalib_uas.models.metauas import training
 from anomalib_uas.models.metauas.training import train_metauas
 from anomalib_uas.synthesis import ChangePairDataModule
 
@@ -39,6 +40,7 @@ class LossRecorder(Callback):
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.threads: set[int] = set()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
         """Record the step's loss.
@@ -51,14 +53,44 @@ class LossRecorder(Callback):
         """
         del trainer, pl_module, args
         self.losses.append(float(outputs["loss"]))
+        self.threads.add(torch.get_num_threads())
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LossRecorder]:
     output = tmp_path_factory.mktemp("training")
     recorder = LossRecorder()
-    train_metauas(output, max_steps=40, num_pairs=8, callbacks=[recorder], **RECIPE)
+    threads = torch.get_num_threads()
+    train_metauas(output, max_steps=40, num_pairs=8, callbacks=[recorder], threads=1, **RECIPE)
+    assert torch.get_num_threads() == threads
     return output, recorder
+
+
+def test_training_uses_the_threads_asked_for(trained: tuple[Path, LossRecorder]) -> None:
+    assert trained[1].threads == {1}
+
+
+def test_idle_cores_counts_the_cores_other_processes_leave_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    stat = tmp_path / "stat"
+
+    def write(busy: int, idle: int) -> None:
+        # the first core is busy for `busy` jiffies, every other core idle for `idle`, both over the same time
+        lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+        lines += [
+            f"cpu{core} {busy if i == 0 else 0} 0 0 {0 if i == 0 else idle} 0 0 0 0 0 0" for i, core in enumerate(cores)
+        ]
+        lines.append("cpu999 5000 0 0 0 0 0 0 0 0 0")  # outside the affinity: ignored
+        stat.write_text("\n".join(lines) + "\n")
+
+    write(0, 0)
+    monkeypatch.setattr(training, "CPU_STAT", stat)
+    monkeypatch.setattr(training.time, "sleep", lambda seconds: write(100, 100))
+    assert training.idle_cores() == max(1, len(cores) - 1)
+    monkeypatch.setattr(training, "CPU_STAT", tmp_path / "missing")
+    assert training.idle_cores() == len(cores)
 
 
 def test_loss_falls(trained: tuple[Path, LossRecorder]) -> None:

@@ -120,6 +120,8 @@ def _set(params: dict[str, Any], key: str, value: Any) -> None:
     params[last] = value
 
 
+# Every check a stage makes itself, and one parameter-schema error per stage (the schema's messages are tested one by
+# one in test_params.py; they all reach `dvc repro` through the same `run_stage`).
 FAILURES = [
     ("data", "data.dataset", "dmeo", "data.dataset = 'dmeo' is not allowed"),
     ("data", "data.dataset", "folder", "data.folder.normal_dir = 'datasets/mine/good' is not a folder"),
@@ -129,10 +131,7 @@ FAILURES = [
     ("weights@metauas", "weights.metauas", "params.yaml", "params.yaml is not a MetaUAS checkpoint"),
     ("weights@inctrl", "weights.inctrl", "missing/inctrl.pyth", "weights.inctrl = 'missing/inctrl.pyth' is neither"),
     ("evaluate@metauas", "data.categories", ["nope"], "data.categories ['nope'] are not in data/dataset"),
-    ("evaluate@metauas", "registry.champion_metric", "pixel_aupro", "registry.champion_metric = 'pixel_aupro'"),
     ("evaluate@metauas", "evaluate.k_shot", "two", "evaluate.k_shot = 'two' is not allowed"),
-    ("evaluate@metauas", "evaluate.k_shot", 1.5, "evaluate.k_shot = 1.5 is not allowed"),
-    ("evaluate@metauas", "evaluate.prompt_strategy", "pool", "set evaluate.prompt_source"),
     ("report", "models", ["metauas", "yolo"], "models.1 = 'yolo' is not allowed"),
 ]
 
@@ -162,20 +161,28 @@ def test_bad_input_is_one_line_and_loses_nothing(
     assert _snapshot(root) == before
 
 
-def test_a_trained_checkpoint_as_weights_source_needs_no_architecture(project: tuple[Path, dict[str, str]]) -> None:
+def test_a_trained_checkpoint_as_weights_source_needs_no_architecture(
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     root, env = project
     original = (root / "params.yaml").read_text()
     run_command(["dvc", "repro"], root, env)
+    lock = (root / "dvc.lock").read_text()
+    checkpoints = root / "checkpoints" / "metauas"
+    shutil.copytree(checkpoints, tmp_path / "metauas")
     trained = root / "trained-metauas.pth"
-    shutil.copy(root / "checkpoints" / "metauas" / "metauas.pth", trained)
+    shutil.copy(checkpoints / "metauas.pth", trained)
     params = yaml.safe_load(original)
     params["weights"]["metauas"] = str(trained)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         run_command(["dvc", "repro", "--single-item", "weights@metauas"], root, env)
-        status = json.loads((root / "checkpoints" / "metauas" / "status.json").read_text())
-    finally:
+        status = json.loads((checkpoints / "status.json").read_text())
+    finally:  # the pipeline as it was, so that the next test's `dvc repro` has nothing to rerun
         (root / "params.yaml").write_text(original)
+        (root / "dvc.lock").write_text(lock)
+        shutil.rmtree(checkpoints)
+        shutil.copytree(tmp_path / "metauas", checkpoints)
         trained.unlink()
     assert status["status"] == "ready"
     architecture = {"backbone": "efficientnet_lite0", "fusion": "absdiff", "decoder_channels": [128, 64, 32, 16, 16]}
@@ -270,6 +277,9 @@ def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp
     assert sorted(p.name for p in (root / "data" / "dataset").iterdir()) == ["brick", "demo_manifest.json", "grass"]
     run_command(["git", "add", "-A"], root, env)
     run_command(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], root, env)
-    run_command(["dvc", "exp", "run", "-S", "evaluate.seed=1", "-n", "seed1"], root, env)
+    # the sweep reruns evaluation; registering (an ONNX export per category) is tested above and skipped here
+    run_command(
+        ["dvc", "exp", "run", "-S", "evaluate.seed=1", "-S", "registry.register=false", "-n", "seed1"], root, env
+    )
     experiments = run_command(["dvc", "exp", "show", "--json"], root, env)
     assert "seed1" in experiments

@@ -5,10 +5,12 @@
 :func:`train_metauas` runs ``Engine.fit`` with ``MetaUAS(meta_train=True)`` on a
 :class:`~anomalib_uas.synthesis.ChangePairDataModule`: frozen encoder (optionally trainable), BCE on the change logits,
 AdamW, channels-last tensors, OpenCV single-threaded while the pairs are made (its thread pool would compete with
-torch's for the same cores). Lightning checkpoints (``last.ckpt``, for resuming) and ``metauas.pth`` (the official
-state_dict format with the architecture and training size recorded, see
-:func:`~anomalib_uas.models.metauas.checkpoint.save_checkpoint`; loaded with :meth:`MetaUAS.from_checkpoint`) are
-written to the output folder.
+torch's for the same cores), and as many torch threads as there are idle cores when fitting starts
+(:func:`idle_cores`): an OpenMP thread that shares a core with another busy process stalls every parallel region of
+the step, so two threads on two cores of which one is taken are many times slower than one thread. Lightning
+checkpoints (``last.ckpt``, for resuming) and ``metauas.pth`` (the official state_dict format with the architecture
+and training size recorded, see :func:`~anomalib_uas.models.metauas.checkpoint.save_checkpoint`; loaded with
+:meth:`MetaUAS.from_checkpoint`) are written to the output folder.
 
 Example:
     >>> from anomalib_uas.models.metauas.training import train_metauas
@@ -17,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,43 @@ from anomalib_uas.models.metauas.lightning_model import MetaUAS
 from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
 from anomalib_uas.synthesis import ChangePairDataModule, PairSynthesisConfig
 
-__all__ = ["CHECKPOINT_FILENAME", "MetaUASCheckpoint", "train_metauas"]
+__all__ = ["CHECKPOINT_FILENAME", "MetaUASCheckpoint", "idle_cores", "train_metauas"]
 
 CHECKPOINT_FILENAME = "metauas.pth"
+CPU_STAT = Path("/proc/stat")
+
+
+def _cpu_times(cores: set[int]) -> tuple[int, int]:
+    """Idle and total jiffies summed over ``cores``, from ``/proc/stat``."""
+    idle = total = 0
+    for line in CPU_STAT.read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            times = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+            idle += times[3] + times[4]
+            total += sum(times)
+    return idle, total
+
+
+def idle_cores(interval: float = 0.5) -> int:
+    """Count the cores this process may use that other processes leave idle, sampled over ``interval`` seconds.
+
+    Args:
+        interval: Sampling time.
+
+    Returns:
+        The rounded number of idle cores among those in this process's CPU affinity, at least 1; without
+        ``/proc/stat`` (not Linux) every usable core.
+    """
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if not CPU_STAT.is_file():
+        return len(cores)
+    idle, total = _cpu_times(cores)
+    time.sleep(interval)
+    idle_after, total_after = _cpu_times(cores)
+    if total_after <= total:
+        return len(cores)
+    return max(1, round(len(cores) * (idle_after - idle) / (total_after - total)))
 
 
 class MetaUASCheckpoint(Callback):
@@ -87,6 +125,7 @@ def train_metauas(
     seed: int = 0,
     resume: bool = False,
     num_workers: int = 0,
+    threads: int | None = None,
     devices: int = 1,
     strategy: str = "auto",
     callbacks: Sequence[Callback] = (),
@@ -112,6 +151,8 @@ def train_metauas(
         seed: Seed of the pairs, their order and the initialisation.
         resume: Continue from ``last.ckpt`` in ``output_dir`` when it exists.
         num_workers: Data-loading workers.
+        threads: Torch threads while fitting; ``None`` takes the idle cores (:func:`idle_cores`, at most
+            ``torch.get_num_threads()``). Restored afterwards.
         devices: CPU processes (``strategy="ddp"`` for more than one). Parameters stay identical across the
             processes; the decoder's batch-norm statistics are those of rank 0 (DDP broadcasts them every step), which
             writes the checkpoints.
@@ -162,10 +203,12 @@ def train_metauas(
         **engine_kwargs,
     )
     last = output_dir / "last.ckpt"
-    opencv_threads = cv2.getNumThreads()
+    opencv_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
     cv2.setNumThreads(1)
+    torch.set_num_threads(threads or min(idle_cores(), torch_threads))
     try:
         engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
     finally:
         cv2.setNumThreads(opencv_threads)
+        torch.set_num_threads(torch_threads)
     return checkpoint
