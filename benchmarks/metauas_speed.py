@@ -379,6 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parity-dir", type=Path, default=DEFAULT_PARITY, help="the shared parity fixture folder")
     parser.add_argument("--onnx", action="store_true", help="also time the cached path in ONNX Runtime")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown report to write")
+    parser.add_argument("--append", action="store_true", help="append the report to --output (e.g. a second ISA)")
     parser.add_argument("--skip-memory", action="store_true", help="do not run the peak-memory subprocesses")
     parser.add_argument("--memory-probe", choices=PROBED, help=argparse.SUPPRESS)
     parser.add_argument("--probe-size", type=int, help=argparse.SUPPRESS)
@@ -834,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
+    with args.output.open("a" if args.append else "w") as report_file:
+        report_file.write(("\n" if args.append else "") + text)
     print(f"written to {args.output}")
 
 

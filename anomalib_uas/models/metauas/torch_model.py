@@ -42,6 +42,7 @@ from anomalib_uas.models.metauas.inference import inference_copy
 __all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "UNetDecoder"]
 
 ALIGNED_LEVELS = 3
+ATTENTION_ROWS = 1024  # query positions aligned at a time
 OFFICIAL_DECODER_CHANNELS = (256, 128, 64, 64, 48)
 ALIGNMENTS = ("soft", "hard")
 FUSIONS = ("cat", "add", "absdiff")
@@ -77,13 +78,17 @@ class FeatureAlignment(nn.Module):
         queries = _tokens(self.projection(query)).unsqueeze(1)  # [B, 1, hw_query, C/2]
         keys = _tokens(self.projection(prompts))[index]  # [B, k, hw_prompt, C/2]
         values = _tokens(prompts)[index]  # [B, k, hw_prompt, C]
-        logits = queries @ keys.transpose(-1, -2)  # [B, k, hw_query, hw_prompt]
-        if self.alignment == "soft":
-            aligned = logits.softmax(dim=-1) @ values  # [B, k, hw_query, C]
-        else:
-            best = logits.argmax(dim=-1).unsqueeze(-1).expand(-1, -1, -1, channels)
-            aligned = values.gather(2, best)
+        # Query positions in chunks: every row of the attention is independent, and at 512 px the full matrix of
+        # the stride-8 level would take 4096 x 4096 floats per prompt (twice, with its softmax).
+        aligned = torch.cat([self._attend(chunk, keys, values) for chunk in queries.split(ATTENTION_ROWS, dim=2)], 2)
         return aligned.mean(dim=1).view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        logits = queries @ keys.transpose(-1, -2)  # [B, k, rows, hw_prompt]
+        if self.alignment == "soft":
+            return logits.softmax(dim=-1) @ values  # [B, k, rows, C]
+        best = logits.argmax(dim=-1).unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
+        return values.gather(2, best)
 
     def forward(self, query: torch.Tensor, prompts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Fuse the query with its aligned prompts.
