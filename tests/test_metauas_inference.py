@@ -107,3 +107,16 @@ def test_inference_copy_follows_new_weights_and_dtype(model: MetaUASModel) -> No
     torch.testing.assert_close(model(images, prompts).anomaly_map, other(images, prompts).anomaly_map)
     model.double()
     assert model(images.double(), prompts.double()).anomaly_map.dtype == torch.float64
+
+
+def test_export_traces_the_plain_convolution_and_activation() -> None:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU())
+    _randomise_batch_norms(layer, seed=3)
+    fused = inference_copy(layer.eval())
+    images = _images(10)
+    program = torch.export.export(fused, (images,))
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert not any("mkldnn" in target for target in targets)
+    assert any("conv2d" in target for target in targets)
+    torch.testing.assert_close(program.module()(images), fused(images), **TOLERANCE)

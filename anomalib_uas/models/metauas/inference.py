@@ -56,7 +56,8 @@ def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Module:
 class ConvActivation(nn.Module):
     """A convolution and the activation after it, run as one oneDNN primitive on the CPU where torch has oneDNN.
 
-    Elsewhere (other devices, dtypes or builds) the two run one after the other, with the same result.
+    Elsewhere (other devices, dtypes or builds, and under ``torch.export``/``torch.compile``) the two run one after
+    the other, with the same result.
 
     Args:
         conv: A plain ``nn.Conv2d`` with numeric padding.
@@ -79,7 +80,9 @@ class ConvActivation(nn.Module):
             The activated convolution output.
         """
         conv = self.conv
-        if features.device.type == "cpu" and features.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        eager_cpu = features.device.type == "cpu" and features.dtype == torch.float32
+        # torch.export (ONNX) and torch.compile trace the two plain operations, which they can translate.
+        if eager_cpu and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._convolution_pointwise(
                 features,
                 conv.weight,
