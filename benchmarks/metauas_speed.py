@@ -755,7 +755,7 @@ def header(args: argparse.Namespace, source: str, load_before: tuple[float, ...]
     Returns:
         The header's lines.
     """
-    overrides = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    overrides = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
     load_after = os.getloadavg()
     return [
         "# MetaUAS CPU speed: ours against the official code",
