@@ -77,6 +77,8 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SPEEDUP_TARGET = 1.5
 PROBE_CALLS = 5
+# Environment variables that limit the instruction set (to emulate an AVX2-only CPU), shown in the report.
+ISA_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # Third-party modules the official metauas.py imports at the top: the official probe imports them too.
 OFFICIAL_IMPORTS = ("kornia", "matplotlib.pyplot", "pytorch_lightning", "tqdm", "cv2", "PIL.Image", "einops")
 # A process started straight from this one inherits its peak RSS in ``ru_maxrss`` (Linux keeps the larger of the
@@ -755,7 +757,7 @@ def header(args: argparse.Namespace, source: str, load_before: tuple[float, ...]
     Returns:
         The header's lines.
     """
-    overrides = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    overrides = {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ}
     load_after = os.getloadavg()
     return [
         "# MetaUAS CPU speed: ours against the official code",
