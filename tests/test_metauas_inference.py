@@ -120,3 +120,20 @@ def test_export_traces_the_plain_convolution_and_activation() -> None:
     assert not any("mkldnn" in target for target in targets)
     assert any("conv2d" in target for target in targets)
     torch.testing.assert_close(program.module()(images), fused(images), **TOLERANCE)
+
+
+class _Maps(nn.Module):
+    def __init__(self, model: MetaUASModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).anomaly_map
+
+
+def test_export_traces_the_model_itself(model: MetaUASModel) -> None:
+    model.set_prompts(_images(11, batch=1))
+    images = _images(12)
+    program = torch.export.export(_Maps(model).eval(), (images,))  # eval() drops the copies: none in the trace
+    assert not any("mkldnn" in str(node.target) for node in program.graph.nodes)
+    torch.testing.assert_close(program.module()(images), model(images).anomaly_map, **TOLERANCE)

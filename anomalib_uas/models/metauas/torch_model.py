@@ -306,7 +306,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
 
         The inference copies (:func:`~anomalib_uas.models.metauas.inference.inference_copy`) have the batch norms
         of EfficientNet encoders and of the decoder folded into the convolutions and channels-last weights; they
-        give the same outputs up to float rounding, faster. They are built at the first eval-mode call and
+        give the same outputs up to float rounding, faster. ``torch.export`` (ONNX) and ``torch.compile`` trace the
+        modules themselves. The copies are built at the first eval-mode call and
         rebuilt after ``train()``/``eval()``, ``load_state_dict`` and device or dtype moves; weights changed in
         place in eval mode by other means need ``eval()`` again. ``state_dict`` and saved checkpoints hold only the
         original modules.
@@ -314,7 +315,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         Returns:
             ``(encoder, decoder, mask_head)``.
         """
-        if self.training:
+        if self.training or torch.compiler.is_compiling():  # export and compile trace the modules themselves
             return self.encoder, self.decoder, self.mask_head
         if self._inference is None:
             fold_encoder = isinstance(self.encoder, EfficientNetStages)
@@ -360,7 +361,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             Five feature maps, shallowest first.
         """
         encoder = self.network()[0]
-        if not self.training:
+        if encoder is not self.encoder:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             return encoder(images)
