@@ -307,10 +307,9 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         The inference copies (:func:`~anomalib_uas.models.metauas.inference.inference_copy`) have the batch norms
         of EfficientNet encoders and of the decoder folded into the convolutions and channels-last weights; they
         give the same outputs up to float rounding, faster. ``torch.export`` (ONNX) and ``torch.compile`` trace the
-        modules themselves. The copies are built at the first eval-mode call and
-        rebuilt after ``train()``/``eval()``, ``load_state_dict`` and device or dtype moves; weights changed in
-        place in eval mode by other means need ``eval()`` again. ``state_dict`` and saved checkpoints hold only the
-        original modules.
+        modules themselves. The copies are built at the first eval-mode call and rebuilt after ``train()``/``eval()``,
+        ``load_state_dict`` and device or dtype moves; weights changed in place in eval mode by other means need
+        ``eval()`` again. ``state_dict`` and saved checkpoints hold only the original modules.
 
         Returns:
             ``(encoder, decoder, mask_head)``.
