@@ -28,7 +28,7 @@ Paper:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -36,11 +36,13 @@ from anomalib.data import InferenceBatch
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
-from anomalib_uas.models.components.backbones import build_encoder
+from anomalib_uas.models.components.backbones import EfficientNetStages, build_encoder
+from anomalib_uas.models.metauas.inference import inference_copy
 
 __all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "UNetDecoder"]
 
 ALIGNED_LEVELS = 3
+ATTENTION_ROWS = 1024  # query positions aligned at a time
 OFFICIAL_DECODER_CHANNELS = (256, 128, 64, 64, 48)
 ALIGNMENTS = ("soft", "hard")
 FUSIONS = ("cat", "add", "absdiff")
@@ -73,16 +75,20 @@ class FeatureAlignment(nn.Module):
             Aligned prompt features ``[B, C, h, w]``, the mean over the k prompts.
         """
         batch, channels, height, width = query.shape
-        queries = self.projection(query).flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, hw, C/2]
-        keys = self.projection(prompts).flatten(2)[index]  # [B, k, C/2, hw]
-        values = prompts.flatten(2)[index]  # [B, k, C, hw]
-        logits = queries @ keys  # [B, k, hw_query, hw_prompt]
+        queries = _tokens(self.projection(query)).unsqueeze(1)  # [B, 1, hw_query, C/2]
+        keys = _tokens(self.projection(prompts))[index]  # [B, k, hw_prompt, C/2]
+        values = _tokens(prompts)[index]  # [B, k, hw_prompt, C]
+        # Query positions in chunks: every row of the attention is independent, and at 512 px the full matrix of
+        # the stride-8 level would take 4096 x 4096 floats per prompt (twice, with its softmax).
+        aligned = torch.cat([self._attend(chunk, keys, values) for chunk in queries.split(ATTENTION_ROWS, dim=2)], 2)
+        return aligned.mean(dim=1).view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        logits = queries @ keys.transpose(-1, -2)  # [B, k, rows, hw_prompt]
         if self.alignment == "soft":
-            aligned = values @ logits.softmax(dim=-1).transpose(-1, -2)  # [B, k, C, hw_query]
-        else:
-            best = logits.argmax(dim=-1).unsqueeze(2).expand(-1, -1, channels, -1)
-            aligned = values.gather(3, best)
-        return aligned.mean(dim=1).view(batch, channels, height, width)
+            return logits.softmax(dim=-1) @ values  # [B, k, rows, C]
+        best = logits.argmax(dim=-1).unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
+        return values.gather(2, best)
 
     def forward(self, query: torch.Tensor, prompts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Fuse the query with its aligned prompts.
@@ -101,6 +107,11 @@ class FeatureAlignment(nn.Module):
         if self.fusion == "add":
             return query + aligned
         return (query - aligned).abs()
+
+
+def _tokens(features: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w]`` as ``[N, hw, C]`` (a view of channels-last features, a copy of contiguous ones)."""
+    return features.permute(0, 2, 3, 1).flatten(1, 2)
 
 
 class SCSE(nn.Module):
@@ -264,6 +275,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         self.last_prompt_index: torch.Tensor | None = None
         for level in range(ALIGNED_LEVELS):
             self.register_buffer(f"prompt_bank_{level}", torch.empty(0))
+        self._inference: tuple[nn.Module, nn.Module, nn.Module] | None = None
+        self.register_load_state_dict_post_hook(MetaUASModel._drop_inference_copy)
 
     def train(self, mode: bool = True) -> MetaUASModel:
         """Switch train/eval mode; the encoder always stays in eval mode (frozen batch-norm statistics).
@@ -276,7 +289,41 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         """
         super().train(mode)
         self.encoder.eval()
+        self._inference = None
         return self
+
+    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> MetaUASModel:
+        super()._apply(fn, recurse)
+        self._inference = None  # .to(), .double() and the like: the copy is rebuilt from the converted weights
+        return self
+
+    def _drop_inference_copy(self, incompatible_keys: object) -> None:
+        del incompatible_keys
+        self._inference = None
+
+    def network(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The encoder, decoder and mask head that run: the modules themselves in training mode, else inference copies.
+
+        The inference copies (:func:`~anomalib_uas.models.metauas.inference.inference_copy`) have the batch norms
+        of EfficientNet encoders and of the decoder folded into the convolutions and channels-last weights; they
+        give the same outputs up to float rounding, faster. ``torch.export`` (ONNX) and ``torch.compile`` trace the
+        modules themselves. The copies are built at the first eval-mode call and rebuilt after ``train()``/``eval()``,
+        ``load_state_dict`` and device or dtype moves; weights changed in place in eval mode by other means need
+        ``eval()`` again. ``state_dict`` and saved checkpoints hold only the original modules.
+
+        Returns:
+            ``(encoder, decoder, mask_head)``.
+        """
+        if self.training or torch.compiler.is_compiling():  # export and compile trace the modules themselves
+            return self.encoder, self.decoder, self.mask_head
+        if self._inference is None:
+            fold_encoder = isinstance(self.encoder, EfficientNetStages)
+            self._inference = (
+                inference_copy(self.encoder, fold=fold_encoder),
+                inference_copy(self.decoder),
+                inference_copy(self.mask_head),
+            )
+        return self._inference
 
     @property
     def prompt_bank(self) -> list[torch.Tensor]:
@@ -312,8 +359,11 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         Returns:
             Five feature maps, shallowest first.
         """
+        encoder = self.network()[0]
+        if encoder is not self.encoder:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
-            return self.encoder(images)
+            return encoder(images)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -388,7 +438,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         for offset, (align, prompts) in enumerate(zip(self.alignment, bank, strict=True)):
             level = len(levels) - 1 - offset
             levels[level] = align(levels[level], prompts, index)
-        return self.mask_head(self.decoder(levels))
+        _, decoder, mask_head = self.network()
+        return mask_head(decoder(levels))
 
     def forward(self, images: torch.Tensor, prompt_images: torch.Tensor | None = None) -> torch.Tensor | InferenceBatch:
         """Segment anomalies.
@@ -410,8 +461,8 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
 
     def _logits(self, images: torch.Tensor, prompt_images: torch.Tensor | None) -> torch.Tensor:
-        query_levels = self.encode(images)
         if prompt_images is None:
+            query_levels = self.encode(images)
             bank = self.prompt_bank
             index = self.select_prompts(query_levels[-1], bank[0])
             self.last_prompt_index = index
@@ -419,8 +470,10 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             if prompt_images.dim() == 4:
                 prompt_images = prompt_images.unsqueeze(1)
             batch, shots = prompt_images.shape[:2]
-            prompt_levels = self.encode(prompt_images.flatten(0, 1))
-            bank = [prompt_levels[-1 - level] for level in range(ALIGNED_LEVELS)]
+            # One encoder call for queries and prompts: the frozen encoder treats every image on its own.
+            levels = self.encode(torch.cat([images, prompt_images.flatten(0, 1)]))
+            query_levels = [level[:batch] for level in levels]
+            bank = [levels[-1 - level][batch:] for level in range(ALIGNED_LEVELS)]
             index = torch.arange(batch * shots, device=images.device).view(batch, shots)
             self.last_prompt_index = None
         return self.segment(query_levels, bank, index)

@@ -1,0 +1,139 @@
+# Copyright (C) 2026 anomalib-uas contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The eval-mode inference copies of MetaUAS: same outputs as the plain modules, state_dict untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from anomalib_uas.models.metauas.checkpoint import to_official
+from anomalib_uas.models.metauas.inference import fold_batch_norm, inference_copy
+from anomalib_uas.models.metauas.torch_model import MetaUASModel
+
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float rounding, which grows with depth in untrained networks: relative to the tensor's scale."""
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+def _randomise_batch_norms(model: nn.Module, seed: int) -> None:
+    """Non-trivial running statistics and affine parameters, so that folding them changes the weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(torch.rand(size, generator=generator) * 0.2 - 0.1)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(size, generator=generator) * 0.2 - 0.1)
+
+
+@pytest.fixture
+def model() -> MetaUASModel:
+    torch.manual_seed(0)
+    model = MetaUASModel(backbone="efficientnet_lite0", pretrained_backbone=False)
+    _randomise_batch_norms(model, seed=1)
+    return model.eval()
+
+
+def _images(seed: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_folded_convolution_equals_convolution_then_batch_norm() -> None:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU())
+    _randomise_batch_norms(layer, seed=2)
+    layer.eval()
+    fused = inference_copy(layer)
+    images = _images(3)
+    assert isinstance(fused[1], nn.Identity)
+    assert isinstance(layer[1], nn.BatchNorm2d)  # the original is untouched
+    torch.testing.assert_close(fused(images), layer(images), **TOLERANCE)
+
+
+def test_fold_keeps_the_activation_of_timm_batch_norm_act(model: MetaUASModel) -> None:
+    stem_norm = model.encoder.bn1  # timm BatchNormAct2d with SiLU (ReLU6 for lite)
+    replacement = fold_batch_norm(inference_copy(model.encoder.conv_stem, fold=False), stem_norm)
+    assert replacement is stem_norm.act
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_inference_copies_give_the_plain_modules_outputs(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = MetaUASModel(backbone=backbone, pretrained_backbone=False)
+    _randomise_batch_norms(model, seed=1)
+    model.eval()
+    encoder, decoder, mask_head = model.network()
+    assert encoder is not model.encoder
+    assert decoder is not model.decoder
+    images = _images(4)
+    with torch.no_grad():
+        plain_levels = model.encoder(images)
+        fused_levels = encoder(images.contiguous(memory_format=torch.channels_last))
+        for plain, fused in zip(plain_levels, fused_levels, strict=True):
+            _assert_close_to_scale(fused, plain)
+        decoder_input = [torch.cat([level, level], dim=1) if i >= 2 else level for i, level in enumerate(plain_levels)]
+        _assert_close_to_scale(mask_head(decoder(decoder_input)), model.mask_head(model.decoder(decoder_input)))
+
+
+def test_eval_forward_leaves_state_dict_and_official_export_unchanged(model: MetaUASModel) -> None:
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    official_before = set(to_official(model))
+    model.set_prompts(_images(5, batch=1))
+    model(_images(6))
+    model(_images(6), _images(7))
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        if not key.startswith("prompt_bank_"):
+            assert torch.equal(after[key], value), key
+    assert set(to_official(model)) == official_before
+
+
+def test_inference_copy_follows_new_weights_and_dtype(model: MetaUASModel) -> None:
+    images, prompts = _images(8), _images(9)
+    model(images, prompts)  # builds the copies
+    torch.manual_seed(5)
+    other = MetaUASModel(backbone="efficientnet_lite0", pretrained_backbone=False)
+    _randomise_batch_norms(other, seed=6)
+    other.eval()
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(model(images, prompts).anomaly_map, other(images, prompts).anomaly_map)
+    model.double()
+    assert model(images.double(), prompts.double()).anomaly_map.dtype == torch.float64
+
+
+def test_export_traces_the_plain_convolution_and_activation() -> None:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU())
+    _randomise_batch_norms(layer, seed=3)
+    fused = inference_copy(layer.eval())
+    images = _images(10)
+    program = torch.export.export(fused, (images,))
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert not any("mkldnn" in target for target in targets)
+    assert any("conv2d" in target for target in targets)
+    torch.testing.assert_close(program.module()(images), fused(images), **TOLERANCE)
+
+
+class _Maps(nn.Module):
+    def __init__(self, model: MetaUASModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).anomaly_map
+
+
+def test_export_traces_the_model_itself(model: MetaUASModel) -> None:
+    model.set_prompts(_images(11, batch=1))
+    images = _images(12)
+    program = torch.export.export(_Maps(model).eval(), (images,))  # eval() drops the copies: none in the trace
+    assert not any("mkldnn" in str(node.target) for node in program.graph.nodes)
+    torch.testing.assert_close(program.module()(images), model(images).anomaly_map, **TOLERANCE)
