@@ -14,15 +14,16 @@ prompt per category (the seeded random protocol of the paper):
 
 All three are scored by the metrics of ``MetaUAS.configure_evaluator`` on raw scores and maps (the metrics are
 threshold-free). The report gives the training time in minutes and optimisation steps per second, the CPU's
-vector ISA and the ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` overrides (``avx2`` for both approximates an
-AVX2-only CPU on an AVX-512 one). The Markdown report is printed and written to
+vector ISA and the ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS`` overrides (AVX2 for
+all three approximates an AVX2-only CPU on an AVX-512 one). The Markdown report is printed and written to
 ``benchmarks/results/metauas_training.md``.
 
 Run it from the repository root:
 
     python benchmarks/metauas_training.py
     python benchmarks/metauas_training.py --max-steps 50   # a quick look, not the recipe
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/metauas_training.py --skip-evaluation
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/metauas_training.py --skip-evaluation
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.models import MetaUAS
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.metauas.baseline import PromptDistanceModel
-from anomalib_uas.models.metauas.training import idle_cores, train_metauas
+from anomalib_uas.models.metauas.training import train_metauas, training_threads
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "metauas_training.md"
+ISA_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 METRICS = ("image_AUROC", "image_AUPR", "image_F1Max", "pixel_AUROC", "pixel_AUPR", "pixel_F1Max", "pixel_AUPRO")
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-evaluation", action="store_true", help="time the training only")
     parser.add_argument("--checkpoint", type=Path, help="evaluate this recipe checkpoint instead of training one")
     args = parser.parse_args(argv)
-    threads = args.threads or min(idle_cores(), torch.get_num_threads())
+    threads = args.threads or training_threads()
     torch.set_num_threads(threads)
     recipe: dict[str, Any] = dict(params["train"]["metauas"])
     if args.max_steps is not None:
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, scorer in scorers.items()
             if not args.skip_evaluation
         }
+    overrides = ", ".join(f"{name}={os.environ.get(name, '-')}" for name in ISA_OVERRIDES)
     recipe_text = ", ".join(f"{key}={value}" for key, value in recipe.items())
     report = "\n".join(
         [
@@ -185,9 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__} with {threads} threads.",
             "",
-            f"CPU: {_isa()}; overrides: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
-            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; load average before training "
-            f"{load[0]:.1f}.",
+            f"CPU: {_isa()}; overrides: {overrides}; load average before training {load[0]:.1f}.",
             "",
             f"Recipe: {recipe_text}. {timing}",
             "",

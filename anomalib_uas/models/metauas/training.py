@@ -37,7 +37,7 @@ from anomalib_uas.models.metauas.lightning_model import MetaUAS
 from anomalib_uas.models.metauas.torch_model import OFFICIAL_DECODER_CHANNELS
 from anomalib_uas.synthesis import ChangePairDataModule, PairSynthesisConfig
 
-__all__ = ["CHECKPOINT_FILENAME", "MetaUASCheckpoint", "idle_cores", "train_metauas"]
+__all__ = ["CHECKPOINT_FILENAME", "MetaUASCheckpoint", "idle_cores", "train_metauas", "training_threads"]
 
 CHECKPOINT_FILENAME = "metauas.pth"
 CPU_STAT = Path("/proc/stat")
@@ -109,6 +109,15 @@ class MetaUASCheckpoint(Callback):
         self._write(trainer, pl_module)
 
 
+def training_threads() -> int:
+    """The torch threads training takes by default: the idle cores, at most ``torch.get_num_threads()``.
+
+    Returns:
+        The thread count.
+    """
+    return min(idle_cores(), torch.get_num_threads())
+
+
 def train_metauas(
     output_dir: str | Path,
     backbone: str = "efficientnet_lite0",
@@ -151,8 +160,7 @@ def train_metauas(
         seed: Seed of the pairs, their order and the initialisation.
         resume: Continue from ``last.ckpt`` in ``output_dir`` when it exists.
         num_workers: Data-loading workers.
-        threads: Torch threads while fitting; ``None`` takes the idle cores (:func:`idle_cores`, at most
-            ``torch.get_num_threads()``). Restored afterwards.
+        threads: Torch threads while fitting; ``None`` takes :func:`training_threads`. Restored afterwards.
         devices: CPU processes (``strategy="ddp"`` for more than one). Parameters stay identical across the
             processes; the decoder's batch-norm statistics are those of rank 0 (DDP broadcasts them every step), which
             writes the checkpoints.
@@ -205,7 +213,7 @@ def train_metauas(
     last = output_dir / "last.ckpt"
     opencv_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
     cv2.setNumThreads(1)
-    torch.set_num_threads(threads or min(idle_cores(), torch_threads))
+    torch.set_num_threads(threads or training_threads())
     try:
         engine.fit(model, datamodule=datamodule, ckpt_path=last if resume and last.is_file() else None)
     finally:
