@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,12 +28,27 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from anomalib_uas import __version__
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServableModel", "register_model", "registered_name", "update_champion", "version_of"]
+__all__ = [
+    "GRAPH_FROM_TAG",
+    "GRAPH_KEY_TAG",
+    "ServableModel",
+    "graph_key",
+    "register_model",
+    "registered_name",
+    "update_champion",
+    "version_of",
+]
+
+GRAPH_KEY_TAG = "uas.graph_key"
+GRAPH_FROM_TAG = "uas.graph_from"  # the earlier version whose graph a version reuses
 
 
 def registered_name(category: str) -> str:
@@ -71,12 +87,62 @@ class ServableModel:
     clip_weights: Path | None = None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_key(servable: ServableModel) -> str:
+    """What the exported graph depends on, hashed.
+
+    That is the model, its config without thresholds, its files' contents and the package and torch versions that
+    export it. Two versions with the same key differ at most in thresholds and metrics (a re-evaluation with
+    feedback images, say), so the later one can reuse the earlier one's graph.
+
+    Args:
+        servable: The model and its files.
+
+    Returns:
+        A sha256 hex digest.
+    """
+    config = {key: value for key, value in servable.config.items() if key not in ("image_threshold", "pixel_threshold")}
+    files = [servable.checkpoint, *servable.prompt_paths, *([servable.clip_weights] if servable.clip_weights else [])]
+    record = {
+        "model": servable.model,
+        "config": config,
+        "files": [_sha256(Path(path)) for path in files],
+        "versions": [__version__, torch.__version__],
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _earlier_graph(name: str, key: str, folder: Path) -> tuple[str | None, Path | None]:
+    """Download the graph of the newest version of ``name`` tagged with ``key``: ``(version, graph folder)``."""
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{name}' and tags.`{GRAPH_KEY_TAG}` = '{key}'")
+    except MlflowException:  # no registered model of that name yet
+        return None, None
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        try:
+            uri = f"models:/{name}/{version.version}/artifacts/graph"
+            return version.version, Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder)))
+        except MlflowException:
+            logger.info("Version %s of %s has no graph to reuse", version.version, name)
+    return None, None
+
+
 def register_model(servable: ServableModel, metrics: dict[str, float], champion_metric: str) -> ModelVersion:
     """Log a category's model as an MLflow pyfunc, register it and update the champion aliases.
 
     Must run inside an active run (see :func:`~anomalib_uas.tracking.stage_run`). The version is self-contained:
     its checkpoint, CLIP weights and prompt images are copied into the model's artifacts, with the ONNX graph it
-    serves (exported here and checked against the eager model).
+    serves, checked against the eager model. The graph is exported here, or copied from the newest earlier version
+    with the same :func:`graph_key` (tag ``uas.graph_key``) when that graph passes the same check; the version then
+    names the one it came from (tag ``uas.graph_from``).
 
     Args:
         servable: The model and its files.
@@ -111,7 +177,10 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
             artifacts["prompts"] = str(staging / "prompts")
         if servable.clip_weights is not None:
             artifacts["clip"] = str(servable.clip_weights)
-        graph = export_servable(servable.config, artifacts, servable.example_image, staging / "graph")
+        key = graph_key(servable)
+        earlier_version, earlier = _earlier_graph(name, key, staging / "earlier")
+        graph = staging / "graph"
+        reused = export_servable(servable.config, artifacts, servable.example_image, graph, earlier)
         artifacts["graph"] = str(graph)
         info = mlflow.pyfunc.log_model(
             name=f"{servable.model}-{servable.category}",
@@ -134,6 +203,9 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
     client = mlflow.MlflowClient()
     version = info.registered_model_version
     client.set_model_version_tag(name, version, "uas.model", servable.model)
+    client.set_model_version_tag(name, version, GRAPH_KEY_TAG, key)
+    if reused:
+        client.set_model_version_tag(name, version, GRAPH_FROM_TAG, earlier_version)
     client.set_model_version_tag(name, version, champion_metric, f"{metrics[champion_metric]:.6f}")
     update_champion(name, champion_metric)
     return client.get_model_version(name, version)

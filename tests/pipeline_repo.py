@@ -42,7 +42,7 @@ def make_repo(
         weights: Files to place under ``weights/``, by their path there.
 
     Returns:
-        The environment to run `dvc` with: offline, an empty weights cache, no analytics.
+        The environment to run `dvc` with: offline, an empty weights cache, no analytics, the default MLflow store.
     """
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
@@ -54,7 +54,9 @@ def make_repo(
     params = yaml.safe_load((root / "params.yaml").read_text())
     tune(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "UAS_OFFLINE": "1", "UAS_WEIGHTS_DIR": str(root / "empty-cache"), "DVC_NO_ANALYTICS": "1"}
+    # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI: without it the stages use the project's mlflow.db
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env.update(UAS_OFFLINE="1", UAS_WEIGHTS_DIR=str(root / "empty-cache"), DVC_NO_ANALYTICS="1")
     run_command(["git", "init", "-q"], root, env)
     run_command(["dvc", "init", "-q"], root, env)
     run_command(["git", "add", "-A"], root, env)

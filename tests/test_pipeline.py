@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,7 @@ def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: t
     assert stages_run(run_command(["dvc", "repro"], root, env)) == {"feedback"}
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["k_shot"] = 2
+    params["registry"]["register"] = False  # checked by the first repro; the later ones skip the ONNX exports
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_run(run_command(["dvc", "repro"], root, env))
     assert "evaluate@metauas" in ran
@@ -161,32 +164,40 @@ def test_bad_input_is_one_line_and_loses_nothing(
     assert _snapshot(root) == before
 
 
+@contextlib.contextmanager
+def _restored(root: Path, keep: Path, *paths: str) -> Iterator[None]:
+    """Put ``dvc.lock``, ``params.yaml`` and ``paths`` back as they were: the next `dvc repro` has nothing to rerun."""
+    paths = ("dvc.lock", "params.yaml", *paths)
+    for path in paths:
+        (shutil.copytree if (root / path).is_dir() else shutil.copy)(root / path, keep / path)
+    try:
+        yield
+    finally:
+        for path in paths:
+            if (keep / path).is_dir():
+                shutil.rmtree(root / path, ignore_errors=True)
+                shutil.copytree(keep / path, root / path)
+            else:
+                shutil.copy(keep / path, root / path)
+
+
 def test_a_trained_checkpoint_as_weights_source_needs_no_architecture(
     project: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     root, env = project
-    original = (root / "params.yaml").read_text()
     run_command(["dvc", "repro"], root, env)
-    lock = (root / "dvc.lock").read_text()
     checkpoints = root / "checkpoints" / "metauas"
-    shutil.copytree(checkpoints, tmp_path / "metauas")
-    trained = root / "trained-metauas.pth"
+    trained = tmp_path / "trained-metauas.pth"
     shutil.copy(checkpoints / "metauas.pth", trained)
-    params = yaml.safe_load(original)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    recipe = params["train"]["metauas"]
     params["weights"]["metauas"] = str(trained)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
+    with _restored(root, tmp_path, "checkpoints"):
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         run_command(["dvc", "repro", "--single-item", "weights@metauas"], root, env)
         status = json.loads((checkpoints / "status.json").read_text())
-    finally:  # the pipeline as it was, so that the next test's `dvc repro` has nothing to rerun
-        (root / "params.yaml").write_text(original)
-        (root / "dvc.lock").write_text(lock)
-        shutil.rmtree(checkpoints)
-        shutil.copytree(tmp_path / "metauas", checkpoints)
-        trained.unlink()
     assert status["status"] == "ready"
-    architecture = {"backbone": "efficientnet_lite0", "fusion": "absdiff", "decoder_channels": [128, 64, 32, 16, 16]}
-    assert status["kwargs"] == architecture
+    assert status["kwargs"] == {key: recipe[key] for key in ("backbone", "fusion", "decoder_channels")}
     assert status["description"].endswith("trained at 64 px")
     assert status["checkpoint"] == "metauas.pth"
 
@@ -219,7 +230,9 @@ def test_unreadable_params_fail_every_stage_cleanly(
     assert _snapshot(root) == before
 
 
-def test_feedback_normals_lower_the_false_positives_of_their_category(project: tuple[Path, dict[str, str]]) -> None:
+def test_feedback_normals_lower_the_false_positives_of_their_category(
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     from anomalib_uas.feedback import NORMAL_TAG
     from anomalib_uas.review import F, fo
 
@@ -230,11 +243,12 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(project: t
     dataset = fo.load_dataset("uas-metauas-brick")
     false_positives = dataset.match(F("eval") == "FP")
     assert len(false_positives) == before["brick"]["test_FP"] > 0
-    false_positives.tag_samples(NORMAL_TAG)
-    try:
-        _assert_feedback_is_used(root, env, before)
-    finally:  # the database is shared by the session: leave no marks for the other pipeline tests
-        dataset.untag_samples(NORMAL_TAG)
+    with _restored(root, tmp_path, "data/feedback", "predictions", "reports", "review"):
+        false_positives.tag_samples(NORMAL_TAG)
+        try:
+            _assert_feedback_is_used(root, env, before)
+        finally:  # the database is shared by the session: leave no marks for the other pipeline tests
+            dataset.untag_samples(NORMAL_TAG)
 
 
 def _assert_feedback_is_used(root: Path, env: dict[str, str], before: dict[str, Any]) -> None:

@@ -56,9 +56,9 @@ def _write_official_files(weights: Path) -> dict[str, Path]:
 
 
 def _tiny_params(params: dict[str, Any]) -> dict[str, Any]:
+    params["models"] = ["inctrl", "faprompt"]  # MetaUAS's branch is tested in test_pipeline.py
     params["data"].update(categories=["brick"], image_size=64)
     params["evaluate"].update(image_size=64)
-    params["train"]["metauas"].update(image_size=64, max_steps=2, batch_size=2, num_pairs=8)
     params["models_config"]["inctrl"]["clip_model"] = TINY_B
     params["models_config"]["faprompt"].update(clip_model=TINY_L, image_size=FAPROMPT_SIZE)
     return params
@@ -112,7 +112,6 @@ def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(projec
     report = (root / "reports" / "report.md").read_text()
     assert "| inctrl | brick |" in report
     assert "**faprompt** skipped: " in report
-    assert "| metauas | brick |" in report
     review = json.loads((root / "reports" / "review.json").read_text())
     assert review["uas-inctrl-brick"]["samples"] == len(saved["pred_score"])
     dataset = fo.load_dataset("uas-inctrl-brick")
@@ -125,7 +124,7 @@ def test_repro_evaluates_inctrl_from_the_official_file_and_skips_faprompt(projec
     run = next(r for r in runs if r.data.tags.get("uas.model") == "inctrl")
     assert run.data.metrics["brick.image_AUROC"] == pytest.approx(row["image_AUROC"])
     versions = client.search_model_versions("name='anomalib-uas-brick'")
-    assert {v.tags["uas.model"] for v in versions} == {"metauas", "inctrl"}
+    assert {v.tags["uas.model"] for v in versions} == {"inctrl"}
     _assert_registered_model_reproduces_the_evaluation(root, "inctrl", saved)
 
 
@@ -159,6 +158,9 @@ def test_supplying_the_missing_file_evaluates_faprompt_on_the_next_repro(
     assert "| faprompt | brick |" in report
     assert "skipped" not in report
     assert "faprompt" in run_command(["dvc", "metrics", "show"], root, env)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    versions = client.search_model_versions("name='anomalib-uas-brick'")
+    assert {v.tags["uas.model"] for v in versions} == {"inctrl", "faprompt"}  # one registered model per category
     _assert_registered_model_reproduces_the_evaluation(root, "faprompt", saved)
 
 

@@ -80,6 +80,19 @@ def registered(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_c
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+def test_a_version_that_changes_only_thresholds_reuses_the_graph(registered: dict) -> None:
+    client = mlflow.MlflowClient(registered["uri"])
+    first, second = (client.get_model_version(registered["name"], v) for v in registered["versions"])
+    assert first.tags[registry.GRAPH_KEY_TAG] == second.tags[registry.GRAPH_KEY_TAG]
+    assert registry.GRAPH_FROM_TAG not in first.tags
+    assert second.tags[registry.GRAPH_FROM_TAG] == str(first.version)
+    graphs = [
+        Path(mlflow.artifacts.download_artifacts(f"models:/{registered['name']}/{v}/artifacts/graph/model.onnx"))
+        for v in registered["versions"]
+    ]
+    assert graphs[0].read_bytes() == graphs[1].read_bytes()
+
+
 def _rows(table: Path) -> list[dict[str, str]]:
     with table.open(newline="") as handle:
         return list(csv.DictReader(handle))

@@ -11,6 +11,7 @@ formats, ``image_path`` and malformed payloads.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -41,6 +42,8 @@ from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
 from anomalib_uas.models.inctrl.checkpoint import to_official as inctrl_official
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.models.metauas.checkpoint import to_official as metauas_official
+from anomalib_uas.serving.pyfunc import load_servable
+from anomalib_uas.serving.runtime import check_graph
 
 pytestmark = pytest.mark.slow
 
@@ -184,6 +187,36 @@ def test_registered_versions_are_self_contained(registered: dict, demo_category:
         assert (folder / "artifacts" / "graph" / "model.onnx").is_file()
         assert artifacts == expected, model
         assert (folder / "input_example.json").is_file()
+
+
+def test_a_graph_is_reused_only_for_the_same_files_and_settings(
+    registered: dict, demo_category: str, tmp_path: Path
+) -> None:
+    mlflow.set_tracking_uri(registered["uri"])
+    name = registry.registered_name(demo_category)
+    keys = {model: version.tags[registry.GRAPH_KEY_TAG] for model, version in registered["versions"].items()}
+    assert len(set(keys.values())) == 3
+    assert not any(registry.GRAPH_FROM_TAG in version.tags for version in registered["versions"].values())
+    servable = registry.ServableModel(
+        model="metauas",
+        category=demo_category,
+        checkpoint=registered["files"]["metauas"]["checkpoint"],
+        prompt_paths=registered["prompts"]["metauas"],
+        config={"model": "metauas", "category": demo_category, "kwargs": KWARGS["metauas"]},
+        example_image=registered["normal"][0],
+    )
+    assert registry.graph_key(servable) == keys["metauas"]  # thresholds are not part of the key
+    assert registry.graph_key(dataclasses.replace(servable, prompt_paths=registered["normal"][-1:])) != keys["metauas"]
+    # The check that guards a reused graph: MetaUAS's graph, with its prompt baked in, fails for another prompt.
+    uri = f"models:/{name}/{registered['versions']['metauas'].version}/artifacts/graph"
+    graph = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    (tmp_path / "prompts").mkdir()
+    shutil.copy(registered["normal"][-1], tmp_path / "prompts")
+    artifacts = {"checkpoint": str(servable.checkpoint), "prompts": str(tmp_path / "prompts")}
+    module = load_servable(servable.config, artifacts)
+    example = module.pre_processor.transform(read_image(registered["normal"][0]))
+    with pytest.raises(RuntimeError, match="differs from the eager model"):
+        check_graph(module.model, example, graph)
 
 
 @pytest.mark.parametrize("model", ["metauas", "inctrl", "faprompt"])

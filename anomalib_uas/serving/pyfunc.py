@@ -36,6 +36,7 @@ import functools
 import io
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,7 +57,7 @@ from anomalib_uas.data.images import list_images, read_image
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.serving.decoding import RequestImages
 from anomalib_uas.serving.limits import MAX_PROMPTS, BadRequest, Limits
-from anomalib_uas.serving.runtime import EagerRunner, GraphRunner, MicroBatcher, export_graph
+from anomalib_uas.serving.runtime import EagerRunner, GraphRunner, MicroBatcher, check_graph, export_graph
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,13 @@ def load_servable(config: Mapping[str, Any], artifacts: Mapping[str, str]) -> An
     return module
 
 
-def export_servable(config: Mapping[str, Any], artifacts: Mapping[str, str], example_image: Path, folder: Path) -> Path:
+def export_servable(
+    config: Mapping[str, Any],
+    artifacts: Mapping[str, str],
+    example_image: Path,
+    folder: Path,
+    earlier: Path | None = None,
+) -> bool:
     """Export the graph a registered version serves: the model as :func:`load_servable` builds it.
 
     Args:
@@ -132,12 +139,24 @@ def export_servable(config: Mapping[str, Any], artifacts: Mapping[str, str], exa
         artifacts: Local paths of the version's other artifacts.
         example_image: An image of the category, to trace and check the graph with.
         folder: The graph folder to write.
+        earlier: The graph of an earlier version registered from the same files and settings. It is copied
+            instead of exporting again when it reproduces this model's outputs on ``example_image``.
 
     Returns:
-        ``folder``.
+        Whether ``earlier`` was reused; otherwise the graph was exported.
     """
     module = load_servable(config, artifacts)
-    return export_graph(module.model, module.pre_processor.transform(read_image(example_image)), folder)
+    example = module.pre_processor.transform(read_image(example_image))
+    if earlier is not None:
+        try:
+            check_graph(module.model, example, earlier)
+        except Exception as error:  # any unusable earlier graph (unreadable, other outputs) is exported anew
+            logger.info("Exporting anew: the earlier graph %s does not serve this model (%s)", earlier, error)
+        else:
+            shutil.copytree(earlier, folder)
+            return True
+    export_graph(module.model, example, folder)
+    return False
 
 
 def _present(value: object) -> bool:

@@ -4,7 +4,8 @@
 
 At registration, :func:`export_graph` exports the model's torch forward on pre-processed images, with the
 registered prompt images and text features baked in, to ONNX with a dynamic batch dimension, and checks that
-ONNX Runtime reproduces the eager outputs within :data:`GRAPH_ATOL`. The served pyfunc runs that graph
+ONNX Runtime reproduces the eager outputs within :data:`GRAPH_ATOL` (:func:`check_graph`, also the check of a graph
+reused from an earlier version). The served pyfunc runs that graph
 (:class:`GraphRunner`); versions registered without one run the eager model.
 
 Every forward of a served model runs in the single thread of a :class:`MicroBatcher`: the query images that wait
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,7 +35,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRAPH_ATOL", "EagerRunner", "GraphRunner", "MicroBatcher", "export_graph"]
+__all__ = ["GRAPH_ATOL", "EagerRunner", "GraphRunner", "MicroBatcher", "check_graph", "export_graph"]
 
 GRAPH_FILE = "model.onnx"
 GRAPH_INPUT = "images"
@@ -146,17 +148,33 @@ def export_graph(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
         )
     folder.mkdir(parents=True, exist_ok=True)
     program.save(str(folder / GRAPH_FILE))
+    check_graph(model, example, folder)
+    return folder
+
+
+def check_graph(model: nn.Module, example: torch.Tensor, folder: Path) -> None:
+    """Check that an exported graph gives the eager model's outputs for one image and for a batch of two.
+
+    Args:
+        model: The torch model in eval mode, as it was exported.
+        example: One pre-processed image ``[3, H, W]`` of the graph's input size.
+        folder: The graph folder.
+
+    Raises:
+        RuntimeError: ONNX Runtime's outputs differ from eager ones by more than :data:`GRAPH_ATOL`, or have another
+            shape.
+    """
+    batch = torch.stack([example, example.flip(-1)])
     runner, eager = GraphRunner(folder), EagerRunner(model)
     for images in (batch[:1], batch):
         for exported, expected, name in zip(runner(images), eager(images), GRAPH_OUTPUTS, strict=True):
-            difference = float(np.abs(exported - expected).max())
-            if exported.shape != expected.shape or difference > GRAPH_ATOL:
+            difference = float(np.abs(exported - expected).max()) if exported.shape == expected.shape else math.inf
+            if difference > GRAPH_ATOL:
                 msg = (
                     f"The exported graph's {name} differs from the eager model's by {difference:.2e} "
                     f"(shapes {exported.shape}, {expected.shape}); at most {GRAPH_ATOL:g} is accepted."
                 )
                 raise RuntimeError(msg)
-    return folder
 
 
 @dataclass
