@@ -33,6 +33,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from anomalib_uas import __version__
+from anomalib_uas.weights import sha256sum
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,6 @@ class ServableModel:
     clip_weights: Path | None = None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def graph_key(servable: ServableModel) -> str:
     """What the exported graph depends on, hashed.
 
@@ -113,7 +106,7 @@ def graph_key(servable: ServableModel) -> str:
     record = {
         "model": servable.model,
         "config": config,
-        "files": [_sha256(Path(path)) for path in files],
+        "files": [sha256sum(path) for path in files],
         "versions": [__version__, torch.__version__],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
@@ -121,11 +114,7 @@ def graph_key(servable: ServableModel) -> str:
 
 def _earlier_graph(name: str, key: str, folder: Path) -> tuple[str | None, Path | None]:
     """Download the graph of the newest version of ``name`` tagged with ``key``: ``(version, graph folder)``."""
-    client = mlflow.MlflowClient()
-    try:
-        versions = client.search_model_versions(f"name='{name}' and tags.`{GRAPH_KEY_TAG}` = '{key}'")
-    except MlflowException:  # no registered model of that name yet
-        return None, None
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{name}' and tags.`{GRAPH_KEY_TAG}` = '{key}'")
     for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
         try:
             uri = f"models:/{name}/{version.version}/artifacts/graph"
