@@ -156,6 +156,7 @@ class MetaUASTraining(_Section):
     num_pairs: PositiveInt = 12000
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = 0.995
     sources: list[str] | None = None
     synthesis: PairSynthesis = PairSynthesis()
     seed: int = 0

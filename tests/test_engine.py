@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 
 from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
+from anomalib_uas.models.components.base import ENGINE_LOGGER, PredictWeightsMessage
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,12 @@ MODELS: dict[str, tuple[Callable[[Path], AnomalibModule], int, int]] = {
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_engine_test_predict_and_export(
-    name: str, demo_root: Path, demo_category: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str,
+    demo_root: Path,
+    demo_category: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     build, query_side, map_side = MODELS[name]
     model = build(tmp_path)
@@ -68,7 +75,11 @@ def test_engine_test_predict_and_export(
     folder.mkdir()
     for path in sorted((demo_root / demo_category / "test").glob("*/*.png"))[:3]:
         shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
-    predictions = engine.predict(model, data_path=folder)
+    with caplog.at_level(logging.INFO, logger=ENGINE_LOGGER):
+        predictions = engine.predict(model, data_path=folder)
+    # anomalib warns that weights "will not be loaded" although the instance's weights are used; we say so instead
+    assert "will not be loaded" not in caplog.text
+    assert any(r.getMessage() == PredictWeightsMessage.RIGHT and r.levelno == logging.INFO for r in caplog.records)
     assert sum(len(batch.pred_score) for batch in predictions) == 3
     assert all(batch.anomaly_map.shape[-2:] == (map_side, map_side) for batch in predictions)
 

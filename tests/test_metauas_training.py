@@ -148,6 +148,61 @@ def test_resume_continues_from_last_checkpoint(tmp_path: Path) -> None:
     assert resumed["optimizer_states"][0]["state"]
 
 
+class WeightRecorder(Callback):
+    """Keep the trained parameters at the start and after every step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def _record(self, pl_module: LightningModule) -> None:
+        trained = {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if p.requires_grad}
+        self.steps.append(trained)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Record the initial weights.
+
+        Args:
+            trainer: Unused.
+            pl_module: The MetaUAS module.
+        """
+        del trainer
+        self._record(pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        """Record the weights after the step.
+
+        Args:
+            trainer: Unused.
+            pl_module: The MetaUAS module.
+            *args: Unused.
+        """
+        del trainer, args
+        self._record(pl_module)
+
+
+def test_the_weight_average_becomes_the_trained_network(tmp_path: Path) -> None:
+    recorder = WeightRecorder()
+    decay = 0.6
+    train_metauas(tmp_path, max_steps=5, num_pairs=20, ema_decay=decay, callbacks=[recorder], threads=1, **RECIPE)
+    assert len(recorder.steps) == 6
+    trained = recorder.steps[1:]
+    weights = [(1 - decay) * decay ** (len(trained) - 1 - t) / (1 - decay ** len(trained)) for t in range(len(trained))]
+    expected = {name: sum(w * step[name] for w, step in zip(weights, trained, strict=True)) for name in trained[0]}
+    model = MetaUAS.from_checkpoint(tmp_path / "metauas.pth")
+    saved = dict(model.model.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6)
+    assert any((saved[name] - last).abs().max() > 1e-4 for name, last in recorder.steps[-1].items())
+    pretrained = MetaUAS(backbone="efficientnet_lite0", image_size=SIZE, meta_train=True).model.state_dict()
+    for name, value in model.model.state_dict().items():
+        if name.startswith("encoder."):
+            assert torch.equal(value, pretrained[name]), f"frozen {name} changed"
+    resumable = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert [state["steps"] for key, state in resumable["callbacks"].items() if "WeightEMA" in key] == [5]
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        training.WeightEMA(1.0)
+
+
 def test_meta_training_needs_change_pairs(demo_root: Path, tmp_path: Path) -> None:
     from anomalib.data import MVTecAD
 

@@ -5,6 +5,11 @@
 Probability post-processing, the metrics, no validation data of their own, and the switch between inference
 (one-, few- or zero-shot) and training runs.
 
+Importing this module also corrects one message of anomalib's engine: ``Engine.predict`` without ``ckpt_path``
+warns "Model weights will not be loaded", although it predicts with the weights the model instance holds (for these
+models: the official or trained checkpoint loaded when they were built). :class:`PredictWeightsMessage` turns that
+record into an accurate info line.
+
 Example:
     >>> class MyModel(UniversalModelMixin, AnomalibModule):  # doctest: +SKIP
     ...     INFERENCE_LEARNING_TYPE = LearningType.FEW_SHOT
@@ -13,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from anomalib import LearningType
@@ -21,7 +27,39 @@ from anomalib.post_processing import PostProcessor
 
 from anomalib_uas.models.components.processing import probability_post_processor, segmentation_evaluator
 
-__all__ = ["UniversalModelMixin"]
+__all__ = ["PredictWeightsMessage", "UniversalModelMixin"]
+
+ENGINE_LOGGER = "anomalib.engine.engine"
+
+
+class PredictWeightsMessage(logging.Filter):
+    """Rewrite anomalib's misleading "Model weights will not be loaded" warning of ``Engine.predict``."""
+
+    WRONG = "ckpt_path is not provided. Model weights will not be loaded."
+    RIGHT = "Engine.predict without ckpt_path: predicting with the weights the model instance holds."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Replace the wrong message by the accurate one, at info level; pass every other record unchanged.
+
+        Args:
+            record: A record of anomalib's engine logger.
+
+        Returns:
+            Always ``True`` (nothing is dropped).
+        """
+        if record.msg == self.WRONG:
+            record.msg, record.args = self.RIGHT, ()
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
+def _install_predict_weights_message() -> None:
+    engine_logger = logging.getLogger(ENGINE_LOGGER)
+    if not any(isinstance(existing, PredictWeightsMessage) for existing in engine_logger.filters):
+        engine_logger.addFilter(PredictWeightsMessage())
+
+
+_install_predict_weights_message()
 
 
 class UniversalModelMixin:
