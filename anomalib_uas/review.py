@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -439,6 +440,10 @@ def serve_review(
 ) -> None:
     """Serve the App until ``timeout`` seconds have passed, Ctrl-C or SIGTERM; no process is left behind.
 
+    FiftyOne polls its starting server inside bare ``except:`` blocks, so a Ctrl-C that lands there raises no
+    ``KeyboardInterrupt`` out of ``launch_app``. The signal handler therefore also sets a flag, and serving ends as
+    soon as the launch returns.
+
     Args:
         name: Dataset name.
         port: Port.
@@ -446,18 +451,23 @@ def serve_review(
         view: A saved view to open.
         timeout: Seconds to serve; until interrupted when ``None``.
     """
+    interrupted = threading.Event()
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         del signum, frame
+        interrupted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         with launch_review(name, port=port, address=address, view=view):
             deadline = None if timeout is None else time.monotonic() + timeout
-            while deadline is None or time.monotonic() < deadline:
+            while not interrupted.is_set() and (deadline is None or time.monotonic() < deadline):
                 time.sleep(0.2)
     except KeyboardInterrupt:
-        logger.info("FiftyOne App stopped")
+        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if interrupted.is_set():
+        logger.info("FiftyOne App stopped")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import MetaUAS
-from anomalib_uas.review import SAVED_VIEWS, F, build_review_dataset, fo, launch_review
+from anomalib_uas.review import SAVED_VIEWS, F, build_review_dataset, fo, launch_review, serve_review
 
 pytestmark = pytest.mark.slow
 
@@ -276,3 +276,27 @@ def test_launch_leaves_no_process_behind(review, stop: str) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_ctrl_c_while_the_app_starts_is_not_lost(review, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FiftyOne polls its starting server inside bare `except:` blocks: a Ctrl-C landing there raises nothing
+    dataset, _, _ = review
+    launch = fo.launch_app
+
+    def launch_swallowing_a_ctrl_c(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException:  # as FiftyOne's bare excepts do
+            pass
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(fo, "launch_app", launch_swallowing_a_ctrl_c)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    handler = signal.getsignal(signal.SIGINT)
+    start = time.monotonic()
+    serve_review(dataset.name, port=_free_port(), timeout=120)
+    assert time.monotonic() - start < 60, "serving went on after the Ctrl-C"
+    assert signal.getsignal(signal.SIGINT) is handler
+    _, alive = psutil.wait_procs([c for c in psutil.Process().children(recursive=True) if c.pid not in before], 2)
+    assert not alive
