@@ -199,6 +199,9 @@ def test_the_weight_average_becomes_the_trained_network(tmp_path: Path) -> None:
             assert torch.equal(value, pretrained[name]), f"frozen {name} changed"
     resumable = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert [state["steps"] for key, state in resumable["callbacks"].items() if "WeightEMA" in key] == [5]
+    train_metauas(tmp_path, max_steps=10, num_pairs=20, ema_decay=decay, resume=True, threads=1, **RECIPE)
+    resumed = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert [state["steps"] for key, state in resumed["callbacks"].items() if "WeightEMA" in key] == [10]
     with pytest.raises(ValueError, match="ema_decay must be in"):
         training.WeightEMA(1.0)
 
