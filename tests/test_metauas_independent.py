@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from anomalib_uas.data.independent import independent_sets
+from anomalib_uas.data.independent import (
+    MATERIAL_DEFECT_KINDS,
+    MATERIAL_FAMILIES,
+    MIN_DELTA,
+    _defect,
+    independent_sets,
+)
 
 
 def test_independent_sets_have_small_defects_and_distinct_prompts() -> None:
     sets = independent_sets(image_size=128, num_prompts=2, num_normal=2, num_defective=4, seed=0)
-    assert set(sets) == {"textures", "objects"}
+    assert set(sets) == {"textures", "materials", "objects"}
     for categories in sets.values():
         assert len(categories) == 4
         for category in categories.values():
@@ -25,4 +31,19 @@ def test_independent_sets_have_small_defects_and_distinct_prompts() -> None:
             for prompt in category.prompts:
                 assert all(np.abs(prompt.astype(int) - query).mean() > 2 for query in category.queries)
     again = independent_sets(image_size=128, num_prompts=2, num_normal=2, num_defective=4, seed=0)
-    np.testing.assert_array_equal(again["textures"]["cells"].queries, sets["textures"]["cells"].queries)
+    for name, category in [("textures", "cells"), ("materials", "knit"), ("materials", "fibres")]:
+        np.testing.assert_array_equal(again[name][category].queries, sets[name][category].queries)
+        np.testing.assert_array_equal(again[name][category].masks, sets[name][category].masks)
+
+
+def test_material_defects_change_exactly_their_mask() -> None:
+    """Every material defect kind alters each of its mask pixels visibly and nothing outside the mask."""
+    rng = np.random.default_rng(3)
+    for family in MATERIAL_FAMILIES.values():
+        clean = family(128, rng)
+        for kind in MATERIAL_DEFECT_KINDS:
+            query, mask = _defect(clean, rng, kind)
+            change = np.abs(query.astype(int) - clean).max(axis=2)
+            assert 0 < mask.sum() < 0.01 * 128 * 128, kind
+            assert (change[~mask] == 0).all(), kind
+            assert (change[mask] >= MIN_DELTA).all(), kind
