@@ -27,6 +27,7 @@ from anomalib_uas.synthesis import (
     perlin_mask,
     perlin_noise,
 )
+from anomalib_uas.synthesis.pairs import LATTICE_LAYOUTS, _texture, _texture_style
 
 SMALL = PairSynthesisConfig(image_size=64)
 
@@ -250,3 +251,32 @@ def test_texture_pair_prompt_is_another_realization_of_the_query_texture() -> No
         assert clean.any()  # a procedural texture, not the black source image
         assert np.abs(prompt - clean).mean() > 1.0  # not the same image: another realization
         assert np.abs(prompt.mean(axis=(0, 1)) - clean.mean(axis=(0, 1))).max() < 64.0  # of the same colours
+
+
+@pytest.mark.parametrize("layout", LATTICE_LAYOUTS)
+def test_lattice_realizations_share_the_period_but_not_the_pixels(layout: str) -> None:
+    """Two realizations of one lattice style: same dominant spatial frequency, different phases."""
+    rng = np.random.default_rng(0)
+    style = _texture_style(rng) | {
+        "style": "lattice",
+        "layout": layout,
+        "angle": 0.0,
+        "crossing": np.pi / 2,
+        "period": 8.0,
+        "aspect": 1.0,
+        "jitter": 0.05,
+        "contrast": 1.0,
+    }
+    style["colours"] = np.array([[20, 20, 20], [230, 230, 230]], np.float32)
+    peaks = []
+    realizations = [_texture(style, (128, 128), rng) for _ in range(2)]
+    for texture in realizations:
+        spectrum = np.abs(np.fft.fft2(texture.mean(axis=2) - texture.mean()))
+        spectrum[0, 0] = 0
+        row, column = np.unravel_index(spectrum.argmax(), spectrum.shape)
+        peaks.append((min(row, 128 - row), min(column, 128 - column)))  # conjugate peaks count as one
+    assert peaks[0] == peaks[1]
+    # threads every 8 px on 128 px are 16 cycles; a plain weave repeats every two threads: multiples of 8 cycles
+    assert max(peaks[0]) > 0
+    assert all(cycles % 8 == 0 for cycles in peaks[0])
+    assert np.abs(realizations[0].astype(int) - realizations[1]).mean() > 20

@@ -20,8 +20,10 @@ resized to ``image_size``. Then one change kind is drawn (:data:`CHANGE_KINDS`):
 
 With probability :attr:`PairSynthesisConfig.p_realization` the pair is a *texture pair* instead: ``clean`` is a
 procedural stochastic texture (:data:`TEXTURE_STYLES`: wobbling stripes, blotches, speckle, fractal Perlin noise,
-with random colours and scales) and the prompt is *another realization* of the same random process (same style,
-new random draws), so the model learns that statistically identical content is normal even when no pixel matches.
+and periodic lattices of two crossing thread sets, as a grid, checks or a weave; with random colours and scales)
+and the prompt is *another realization* of the same random process (same style, new random draws: phases,
+grids, noise, the wander of lattice threads), so the model learns that statistically identical content is normal
+even when no pixel matches.
 
 Segments are irregular: a star-shaped random polygon, cut where possible along the edges of the image it comes
 from (a connected component of its Otsu-thresholded, blurred grey levels). The ``prompt`` is ``clean`` after a
@@ -66,6 +68,7 @@ from anomalib_uas.synthesis.perlin import perlin_mask, perlin_noise
 
 __all__ = [
     "CHANGE_KINDS",
+    "LATTICE_LAYOUTS",
     "OFFLINE_SOURCES",
     "TEXTURE_STYLES",
     "ChangePair",
@@ -83,9 +86,13 @@ CHANGE_KINDS: tuple[str, ...] = ("local", "appear", "disappear", "exchange", "no
 
 OBJECT_KINDS: tuple[str, ...] = ("appear", "disappear", "exchange")
 
-TEXTURE_STYLES: tuple[str, ...] = ("stripes", "blotches", "speckle", "perlin")
+TEXTURE_STYLES: tuple[str, ...] = ("stripes", "blotches", "speckle", "perlin", "lattice")
 """Procedural texture families of texture pairs (and of pattern content): each draw of a style's parameters defines
 a random process whose realizations are statistically identical."""
+
+LATTICE_LAYOUTS: tuple[str, ...] = ("grid", "checks", "weave")
+"""How the two thread sets of a ``lattice`` texture combine: crossing lines, a checkerboard, or threads that pass
+over and under each other at alternate crossings (plain weave)."""
 
 OFFLINE_SOURCES: tuple[str, ...] = (
     "skimage.data.astronaut",
@@ -429,7 +436,29 @@ def _texture_style(rng: np.random.Generator) -> dict[str, object]:
         "cells": int(rng.integers(2, 17)),
         "octaves": int(rng.integers(1, 4)),
         "contrast": rng.uniform(0.3, 1.0),
+        "crossing": rng.uniform(math.pi / 3, 2 * math.pi / 3),
+        "aspect": rng.uniform(0.7, 1.4),
+        "sharpness": rng.uniform(1.0, 6.0),
+        "layout": LATTICE_LAYOUTS[int(rng.integers(len(LATTICE_LAYOUTS)))],
+        "jitter": rng.uniform(0.0, 0.15),
     }
+
+
+def _threads(
+    size: tuple[int, int], angle: float, period: float, style: dict[str, object], rng: np.random.Generator
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """One set of parallel threads: a sharpened profile in ``[-1, 1]`` and the index of the thread at each pixel.
+
+    The thread positions wander smoothly by up to about ``jitter`` periods; phase and wander are new per call.
+    """
+    height, width = size
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    wander = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 4 * period)
+    wander *= np.float32(float(style["jitter"]) * period / max(float(wander.std()), 1e-6))
+    position = (xs * math.cos(angle) + ys * math.sin(angle) + wander) / np.float32(period) + np.float32(rng.random())
+    sharpness = float(style["sharpness"])
+    profile = np.tanh(sharpness * np.sin(2 * math.pi * position)) / math.tanh(sharpness)
+    return profile.astype(np.float32), np.floor(position).astype(np.int64)
 
 
 def _texture(style: dict[str, object], size: tuple[int, int], rng: np.random.Generator) -> UInt8Image:
@@ -448,6 +477,18 @@ def _texture(style: dict[str, object], size: tuple[int, int], rng: np.random.Gen
         weight = np.clip(cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC), 0, 1)
     elif kind == "speckle":
         weight = rng.random((height, width), dtype=np.float32)
+    elif kind == "lattice":
+        angle, period = float(style["angle"]), float(style["period"])
+        first, first_index = _threads(size, angle, period, style, rng)
+        crossing_angle, crossing_period = angle + float(style["crossing"]), period * float(style["aspect"])
+        second, second_index = _threads(size, crossing_angle, crossing_period, style, rng)
+        if style["layout"] == "grid":
+            combined = np.maximum(first, second)
+        elif style["layout"] == "checks":
+            combined = first * second
+        else:
+            combined = np.where((first_index + second_index) % 2 == 0, first, second)
+        weight = 0.5 + 0.5 * combined
     else:
         weight = np.zeros((height, width), np.float32)
         for octave in range(int(style["octaves"])):
