@@ -831,7 +831,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             f"Each path in its own fresh process: imports, build with the fixture weights, {PROBE_CALLS} calls. "
             "`after imports` is the peak before the model is built (the official probe imports what the official "
-            "`metauas.py` imports; ours imports `anomalib_uas.models.metauas.torch_model`, which loads anomalib).",
+            "`metauas.py` imports; ours imports `anomalib_uas.models.metauas.torch_model`: torch and timm, no "
+            "anomalib).",
         ]
     text = "\n".join(report) + "\n"
     print()

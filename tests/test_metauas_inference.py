@@ -4,12 +4,22 @@
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
+
 import pytest
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
 from anomalib_uas.models.metauas.checkpoint import to_official
-from anomalib_uas.models.metauas.inference import fold_batch_norm, inference_copy
+from anomalib_uas.models.metauas.inference import (
+    ConvActivation,
+    UpsampledConvActivation,
+    fold_batch_norm,
+    inference_copy,
+)
 from anomalib_uas.models.metauas.torch_model import MetaUASModel
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
@@ -137,3 +147,57 @@ def test_export_traces_the_model_itself(model: MetaUASModel) -> None:
     program = torch.export.export(_Maps(model).eval(), (images,))  # eval() drops the copies: none in the trace
     assert not any("mkldnn" in str(node.target) for node in program.graph.nodes)
     torch.testing.assert_close(program.module()(images), model(images).anomaly_map, **TOLERANCE)
+
+
+@pytest.mark.parametrize(("kernel", "groups"), [(3, 1), (3, 8), (5, 8)])
+@pytest.mark.parametrize("size", [(32, 32), (33, 20), (15, 16)])
+def test_same_padded_stride_two_convolution_runs_without_a_padded_copy(
+    kernel: int, groups: int, size: tuple[int, int]
+) -> None:
+    """timm's TF-"SAME" convolution fused with its activation gives timm's output at even and odd sizes."""
+    torch.manual_seed(0)
+    conv = Conv2dSame(8, 16, kernel, stride=2, groups=groups, bias=True).eval()
+    fused = ConvActivation(copy.deepcopy(conv), nn.SiLU())
+    images = torch.randn(2, 8, *size).contiguous(memory_format=torch.channels_last)
+    expected = nn.functional.silu(conv(images))
+    with torch.no_grad():
+        actual = fused(images)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.ReLU6(), nn.Identity()])
+def test_upsampled_convolution_equals_upsampling_then_convolution(activation: nn.Module) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1).eval()
+    fused = ConvActivation(conv, activation)
+    upsampled = UpsampledConvActivation(fused)
+    features = (torch.randn(2, 6, 7, 10) * 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = activation(conv(nn.functional.interpolate(features, scale_factor=2.0, mode="nearest")))
+        torch.testing.assert_close(upsampled(features), expected, **TOLERANCE)
+        torch.testing.assert_close(upsampled(features.contiguous()), expected, **TOLERANCE)  # either memory layout
+        doubled = copy.deepcopy(upsampled).double()  # off the oneDNN path: upsample and convolve
+        assert doubled(features.double()).dtype == torch.float64
+
+
+def test_decoder_copy_upsamples_inside_the_convolution_only_where_nothing_gates(model: MetaUASModel) -> None:
+    decoder = model.network()[1]
+    kinds = [
+        (type(block.upsample).__name__, type(block.conv1[0]).__name__, type(block.attention1).__name__)
+        for block in decoder.blocks
+    ]
+    assert kinds[-1] == ("Identity", "UpsampledConvActivation", "Identity")  # the last block has no skip, no gate
+    assert all(kind == ("Upsample", "ConvActivation", "SCSE") for kind in kinds[:-1])
+
+
+def test_the_bare_network_imports_without_anomalib() -> None:
+    """Serving or benchmarking ``MetaUASModel`` does not pay for anomalib's and Lightning's imports."""
+    code = (
+        "import sys\n"
+        "from anomalib_uas.models.metauas.torch_model import MetaUASModel\n"
+        "loaded = sorted({name.split('.')[0] for name in sys.modules} & {'anomalib', 'lightning'})\n"
+        "print(','.join(loaded) or 'none')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "none"

@@ -1,8 +1,26 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""MetaUAS: universal anomaly segmentation with one normal prompt image."""
+"""MetaUAS: universal anomaly segmentation with one normal prompt image.
 
-from anomalib_uas.models.metauas.lightning_model import MetaUAS
-from anomalib_uas.models.metauas.torch_model import MetaUASModel
+``MetaUAS`` (the anomalib module) and ``MetaUASModel`` (the bare network, torch and timm only) are imported on
+first use, so that ``anomalib_uas.models.metauas.torch_model`` loads without anomalib.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from anomalib_uas.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from anomalib_uas.models.metauas.lightning_model import MetaUAS
+    from anomalib_uas.models.metauas.torch_model import MetaUASModel
 
 __all__ = ["MetaUAS", "MetaUASModel"]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "MetaUAS": "anomalib_uas.models.metauas.lightning_model",
+        "MetaUASModel": "anomalib_uas.models.metauas.torch_model",
+    },
+)

@@ -11,8 +11,10 @@ agree with the original's up to float rounding.
 Pairs are a convolution directly followed by a batch norm among a module's children in registration order,
 which is the order of the forward pass in timm EfficientNet blocks and stems and in ``nn.Sequential`` layers.
 ``MetaUASModel`` folds only such modules; other encoders are only made channels-last. The activation after a
-folded batch norm (inside timm's ``BatchNormAct2d``, or the next ``nn.ReLU``/``nn.SiLU`` child) is fused with
-the convolution into one oneDNN primitive (:class:`ConvActivation`), which saves a pass over the activations.
+folded batch norm (inside timm's ``BatchNormAct2d``, or the next ``nn.ReLU``/``nn.SiLU`` child; SiLU, ReLU or the
+ReLU6 of EfficientNet-Lite) is fused with the convolution into one oneDNN primitive (:class:`ConvActivation`),
+which saves a pass over the activations. So is the padding of timm's TF-"SAME" convolutions (stride 2): no
+padded copy of the input is made.
 
 Example:
     >>> import torch
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
-__all__ = ["ConvActivation", "fold_batch_norm", "inference_copy"]
+__all__ = ["ConvActivation", "UpsampledConvActivation", "fold_batch_norm", "inference_copy"]
 
 
 @torch.no_grad()
@@ -53,22 +57,53 @@ def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Module:
     return getattr(norm, "act", nn.Identity())
 
 
+def _same_padding(length: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) of one axis, as timm's ``Conv2dSame`` pads it (dilation 1)."""
+    total = max((math.ceil(length / stride) - 1) * stride + kernel - length, 0)
+    return total // 2, total - total // 2
+
+
 class ConvActivation(nn.Module):
     """A convolution and the activation after it, run as one oneDNN primitive on the CPU where torch has oneDNN.
 
     Elsewhere (other devices, dtypes or builds, and under ``torch.export``/``torch.compile``) the two run one after
     the other, with the same result.
 
+    A timm ``Conv2dSame`` (TF "SAME" padding, which pads one pixel more after than before when the total is odd, as
+    at every stride-2 layer of an even-sized input) runs without its ``F.pad`` copy: an axis padded ``(p, p + 1)``
+    takes a kernel one tap longer, whose first tap is zero, with ``p + 1`` on both sides. The zero tap sees only
+    the extra padding row, so the output is the same; the variant kernels are built once per padding.
+    :func:`inference_copy` does this for depthwise convolutions only, where the longer kernel costs less than the
+    copy it saves.
+
     Args:
-        conv: A plain ``nn.Conv2d`` with numeric padding.
-        activation: ``nn.SiLU``, ``nn.ReLU`` or ``nn.Identity``.
+        conv: An ``nn.Conv2d`` with numeric padding, or a timm ``Conv2dSame`` without dilation.
+        activation: ``nn.SiLU``, ``nn.ReLU``, ``nn.ReLU6`` (EfficientNet-Lite) or ``nn.Identity``.
     """
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module) -> None:
         super().__init__()
         self.conv = conv
         self.activation = activation
-        self.attribute = _ONEDNN_ATTRIBUTES[type(activation)]
+        self.attribute, self.scalars = _ONEDNN_ATTRIBUTES[type(activation)]
+        self.same = isinstance(conv, Conv2dSame)
+        self._kernels: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, list[int]]] = {}
+
+    def _kernel(self, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
+        """The weight and symmetric padding that give the convolution's output at this input size."""
+        conv = self.conv
+        if not self.same:
+            return conv.weight, list(conv.padding)
+        pads = tuple(
+            _same_padding(length, kernel, stride)
+            for length, kernel, stride in zip((height, width), conv.kernel_size, conv.stride, strict=True)
+        )
+        if pads not in self._kernels:
+            (top, bottom), (left, right) = pads
+            # a zero first tap on each axis padded one more after than before
+            weight = nn.functional.pad(conv.weight, (right - left, 0, bottom - top, 0))
+            self._kernels[pads] = weight, [bottom, right]
+        return self._kernels[pads]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Convolve and activate.
@@ -83,22 +118,84 @@ class ConvActivation(nn.Module):
         eager_cpu = features.device.type == "cpu" and features.dtype == torch.float32
         # torch.export (ONNX) and torch.compile trace the two plain operations, which they can translate.
         if eager_cpu and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
+            weight, padding = self._kernel(*features.shape[-2:])
             return torch.ops.mkldnn._convolution_pointwise(
                 features,
-                conv.weight,
+                weight,
                 conv.bias,
-                conv.padding,
+                padding,
                 conv.stride,
                 conv.dilation,
                 conv.groups,
                 self.attribute,
-                [],
+                self.scalars,
                 "",
             )
         return self.activation(conv(features))
 
 
-_ONEDNN_ATTRIBUTES = {nn.SiLU: "swish", nn.ReLU: "relu", nn.Identity: "none"}
+class UpsampledConvActivation(nn.Module):
+    """Nearest x2 upsampling, then a 3x3 stride-1 convolution with padding 1 and its activation, at the low size.
+
+    On a nearest-upsampled map, each of the four output phases (row and column parity) of a 3x3 convolution sees
+    only a 2x2 neighbourhood of the low-resolution input: two of its three kernel rows (and columns) fall on the
+    same input pixel, so their weights add up. One 2x2 convolution with padding 1 on the input computes the four
+    phases as four groups of output channels; interleaving them gives the full-size output. That is 4/9 of the
+    multiplications, and the upsampled map is never made. Outputs agree with upsample-then-convolve up to float
+    rounding. Off the eager CPU path it upsamples and runs the module it was built from.
+
+    Args:
+        fused: The convolution (3x3, stride 1, padding 1, no dilation or groups) fused with its activation.
+    """
+
+    def __init__(self, fused: ConvActivation) -> None:
+        super().__init__()
+        conv = fused.conv
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
+            msg = f"UpsampledConvActivation needs a 3x3 convolution with stride 1 and padding 1, got {conv}"
+            raise ValueError(msg)
+        self.fused = fused
+        # rows (and columns) of the 3x3 kernel that fall on each of the two input pixels, per output phase
+        with torch.no_grad():
+            phases = conv.weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
+            weight = torch.einsum("apk,oikl,bql->aboipq", phases, conv.weight, phases).flatten(0, 2)
+            self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last), persistent=False)
+            bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+            self.register_buffer("bias", bias.repeat(4), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Upsample x2 (nearest), convolve and activate.
+
+        Args:
+            features: ``[B, C, h, w]``.
+
+        Returns:
+            ``[B, out_channels, 2h, 2w]``, channels-last.
+        """
+        fused = self.fused
+        eager_cpu = features.device.type == "cpu" and features.dtype == torch.float32
+        if not (eager_cpu and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()):
+            return fused(nn.functional.interpolate(features, scale_factor=2.0, mode="nearest"))
+        phases = torch.ops.mkldnn._convolution_pointwise(
+            features, self.weight, self.bias, [1, 1], [1, 1], [1, 1], 1, fused.attribute, fused.scalars, ""
+        )
+        batch, _, height, width = features.shape
+        channels = fused.conv.out_channels
+        output = features.new_empty((batch, 2 * height, 2 * width, channels))
+        by_phase = output.view(batch, height, 2, width, 2, channels)
+        phases = phases.permute(0, 2, 3, 1)  # a view: the convolution's output is channels-last
+        for index, (row, column) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            window = phases[:, row : row + height, column : column + width, index * channels : (index + 1) * channels]
+            by_phase[:, :, row, :, column].copy_(window)
+        return output.permute(0, 3, 1, 2)
+
+
+_ONEDNN_ATTRIBUTES: dict[type[nn.Module], tuple[str, list[float]]] = {
+    nn.SiLU: ("swish", []),
+    nn.ReLU: ("relu", []),
+    nn.ReLU6: ("hardtanh", [0.0, 6.0]),
+    nn.Identity: ("none", []),
+}
 
 
 def _fold_children(parent: nn.Module) -> None:
@@ -116,7 +213,10 @@ def _fold_children(parent: nn.Module) -> None:
         if isinstance(activation, nn.Identity) and following is not None and type(following[1]) in (nn.ReLU, nn.SiLU):
             activation = following[1]  # an activation module right after the batch norm (nn.Sequential layers)
             setattr(parent, following[0], nn.Identity())
-        fusable = type(conv) is nn.Conv2d and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+        plain = type(conv) is nn.Conv2d and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+        # a longer kernel pays for the padded copy it saves in depthwise convolutions, not in full ones (the stem)
+        depthwise = conv.groups == conv.in_channels > 1
+        fusable = plain or (type(conv) is Conv2dSame and depthwise and conv.dilation == (1, 1))
         if fusable and type(activation) in _ONEDNN_ATTRIBUTES:
             setattr(parent, conv_name, ConvActivation(conv, activation))
             setattr(parent, norm_name, nn.Identity())

@@ -22,6 +22,9 @@ Example:
     >>> model(torch.zeros(2, 3, 64, 64)).anomaly_map.shape
     torch.Size([2, 64, 64])
 
+The module needs torch and timm only (no anomalib, no Lightning): a process that serves or benchmarks the bare
+network does not pay for their imports.
+
 Paper:
     Bin-Bin Gao, "MetaUAS: Universal Anomaly Segmentation with One-Prompt Meta-Learning", NeurIPS 2024.
 """
@@ -29,17 +32,16 @@ Paper:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.data import InferenceBatch
-from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
 from anomalib_uas.models.components.backbones import EfficientNetStages, build_encoder
-from anomalib_uas.models.metauas.inference import inference_copy
+from anomalib_uas.models.metauas.inference import UpsampledConvActivation, inference_copy
 
-__all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "UNetDecoder"]
+__all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "MetaUASOutput", "UNetDecoder"]
 
 ALIGNED_LEVELS = 3
 ATTENTION_ROWS = 1024  # query positions aligned at a time
@@ -168,6 +170,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
         gated = skip_channels > 0
+        self.upsample = nn.Upsample(scale_factor=2.0, mode="nearest")
         self.attention1 = SCSE(in_channels + skip_channels) if gated else nn.Identity()
         self.conv1 = _conv_bn_relu(in_channels + skip_channels, out_channels)
         self.conv2 = _conv_bn_relu(out_channels, out_channels)
@@ -183,7 +186,7 @@ class DecoderBlock(nn.Module):
         Returns:
             ``[B, out_channels, 2h, 2w]``.
         """
-        features = F.interpolate(features, scale_factor=2.0, mode="nearest")
+        features = self.upsample(features)
         if skip is not None:
             features = self.attention1(torch.cat([features, skip], dim=1))
         return self.attention2(self.conv2(self.conv1(features)))
@@ -226,7 +229,19 @@ class UNetDecoder(nn.Module):
         return features
 
 
-class MetaUASModel(DynamicBufferMixin, nn.Module):
+class MetaUASOutput(NamedTuple):
+    """An eval-mode forward pass; ``_asdict()`` gives the fields anomalib's batches take.
+
+    Attributes:
+        pred_score: Image anomaly score, the maximum of the map, ``[B]``.
+        anomaly_map: Sigmoid change map at input resolution, ``[B, H, W]``.
+    """
+
+    pred_score: torch.Tensor
+    anomaly_map: torch.Tensor
+
+
+class MetaUASModel(nn.Module):
     """The MetaUAS network with a prompt bank.
 
     Args:
@@ -297,6 +312,15 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         self._inference = None  # .to(), .double() and the like: the copy is rebuilt from the converted weights
         return self
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a saved prompt bank has its own number of prompts and size: take its shape before loading it
+        for level in range(ALIGNED_LEVELS):
+            saved = state_dict.get(f"{prefix}prompt_bank_{level}")
+            current = getattr(self, f"prompt_bank_{level}")
+            if saved is not None and saved.shape != current.shape:
+                setattr(self, f"prompt_bank_{level}", current.new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _drop_inference_copy(self, incompatible_keys: object) -> None:
         del incompatible_keys
         self._inference = None
@@ -305,8 +329,10 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         """The encoder, decoder and mask head that run: the modules themselves in training mode, else inference copies.
 
         The inference copies (:func:`~anomalib_uas.models.metauas.inference.inference_copy`) have the batch norms
-        of EfficientNet encoders and of the decoder folded into the convolutions and channels-last weights; they
-        give the same outputs up to float rounding, faster. ``torch.export`` (ONNX) and ``torch.compile`` trace the
+        of EfficientNet encoders and of the decoder folded into the convolutions and channels-last weights, and the
+        last decoder block upsamples inside its first convolution
+        (:class:`~anomalib_uas.models.metauas.inference.UpsampledConvActivation`); they give the same outputs up to
+        float rounding, faster. ``torch.export`` (ONNX) and ``torch.compile`` trace the
         modules themselves. The copies are built at the first eval-mode call and rebuilt after ``train()``/``eval()``,
         ``load_state_dict`` and device or dtype moves; weights changed in place in eval mode by other means need
         ``eval()`` again. ``state_dict`` and saved checkpoints hold only the original modules.
@@ -318,11 +344,12 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
             return self.encoder, self.decoder, self.mask_head
         if self._inference is None:
             fold_encoder = isinstance(self.encoder, EfficientNetStages)
-            self._inference = (
-                inference_copy(self.encoder, fold=fold_encoder),
-                inference_copy(self.decoder),
-                inference_copy(self.mask_head),
-            )
+            decoder = inference_copy(self.decoder)
+            for block in decoder.blocks:
+                if isinstance(block.attention1, nn.Identity):  # nothing between the upsampling and the convolution
+                    block.conv1[0] = UpsampledConvActivation(block.conv1[0])
+                    block.upsample = nn.Identity()
+            self._inference = (inference_copy(self.encoder, fold=fold_encoder), decoder, inference_copy(self.mask_head))
         return self._inference
 
     @property
@@ -441,7 +468,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         _, decoder, mask_head = self.network()
         return mask_head(decoder(levels))
 
-    def forward(self, images: torch.Tensor, prompt_images: torch.Tensor | None = None) -> torch.Tensor | InferenceBatch:
+    def forward(self, images: torch.Tensor, prompt_images: torch.Tensor | None = None) -> torch.Tensor | MetaUASOutput:
         """Segment anomalies.
 
         Args:
@@ -450,7 +477,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
                 ``[B, k, 3, H, W]``. When given, they are used instead of the prompt bank.
 
         Returns:
-            In training mode the logits ``[B, 1, H, W]``; in eval mode an ``InferenceBatch`` with the sigmoid
+            In training mode the logits ``[B, 1, H, W]``; in eval mode a :class:`MetaUASOutput` with the sigmoid
             ``anomaly_map`` ``[B, H, W]`` and ``pred_score`` (its maximum) ``[B]``.
         """
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
@@ -458,7 +485,7 @@ class MetaUASModel(DynamicBufferMixin, nn.Module):
         if self.training:
             return logits
         anomaly_map = logits.sigmoid().squeeze(1)
-        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
+        return MetaUASOutput(pred_score=anomaly_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
 
     def _logits(self, images: torch.Tensor, prompt_images: torch.Tensor | None) -> torch.Tensor:
         if prompt_images is None:
