@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 def _tiny(params: dict[str, Any]) -> None:
     params["data"].update(categories=["brick", "grass"], image_size=64)
-    params["evaluate"].update(image_size=64)
+    # a threshold that half the held-out normals exceed: the 3-step checkpoint's scores are close to noise, so
+    # test normals above it (the false alarms the feedback test marks) do not hinge on one lucky draw
+    params["evaluate"].update(image_size=64, target_fpr=0.5)
     params["train"]["metauas"].update(image_size=64, max_steps=3, batch_size=2, num_pairs=8)
 
 
@@ -240,7 +242,7 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(
     run_command(["dvc", "repro"], root, env)
     evaluation = root / "predictions" / "metauas" / "evaluation.json"
     before = json.loads(evaluation.read_text())["thresholds"]
-    # the category with the most false alarms of the tiny checkpoint gets the feedback, the other one none
+    # the category with more false alarms gets the feedback, the other one none
     marked = max(before, key=lambda category: before[category]["test_FP"])
     dataset = fo.load_dataset(f"uas-metauas-{marked}")
     false_positives = dataset.match(F("eval") == "FP")
