@@ -56,6 +56,7 @@ __all__ = [
 
 UInt8Image = npt.NDArray[np.uint8]
 BoolMask = npt.NDArray[np.bool_]
+TextureFamily = Callable[[int, np.random.Generator], UInt8Image]
 
 DEFECT_KINDS = ("dent", "crack", "swap", "tint")
 MATERIAL_DEFECT_KINDS = ("hole", "misweave", "stain", "scratch")
@@ -140,7 +141,7 @@ def _weave_texture(size: int, rng: np.random.Generator) -> UInt8Image:
     return _colourise(_normalise(threads), (30, 60, 110), (150, 180, 220))
 
 
-TEXTURE_FAMILIES: dict[str, Callable[[int, np.random.Generator], UInt8Image]] = {
+TEXTURE_FAMILIES: dict[str, TextureFamily] = {
     "noise": _noise_texture,
     "cells": _cells_texture,
     "spots": _spots_texture,
@@ -226,7 +227,7 @@ def _fibres_texture(size: int, rng: np.random.Generator) -> UInt8Image:
     return _colourise(_normalise(base - canvas), (120, 110, 95), (235, 230, 215))
 
 
-MATERIAL_FAMILIES: dict[str, Callable[[int, np.random.Generator], UInt8Image]] = {
+MATERIAL_FAMILIES: dict[str, TextureFamily] = {
     "knit": _knit_texture,
     "plaid": _plaid_texture,
     "mesh": _mesh_texture,
@@ -410,36 +411,29 @@ def independent_sets(
     Returns:
         ``{"textures": {family: category}, "materials": {family: category}, "objects": {part: category}}``.
     """
-    textures = {
-        name: _category(
-            lambda rng, _role, family=family: family(image_size, rng),
-            image_size,
-            num_prompts,
-            num_normal,
-            num_defective,
-            seed * 1000 + index,
-        )
-        for index, (name, family) in enumerate(TEXTURE_FAMILIES.items())
-    }
-    materials = {
-        name: _category(
-            lambda rng, _role, family=family: family(image_size, rng),
-            image_size,
-            num_prompts,
-            num_normal,
-            num_defective,
-            seed * 1000 + 200 + index,
-            MATERIAL_DEFECT_KINDS,
-        )
-        for index, (name, family) in enumerate(MATERIAL_FAMILIES.items())
-    }
+    counts = (num_prompts, num_normal, num_defective)
+
+    def texture_set(
+        families: dict[str, TextureFamily], offset: int, kinds: tuple[str, ...]
+    ) -> dict[str, EvaluationCategory]:
+        return {
+            name: _category(
+                lambda rng, _role, family=family: family(image_size, rng),
+                image_size,
+                *counts,
+                seed * 1000 + offset + index,
+                kinds,
+            )
+            for index, (name, family) in enumerate(families.items())
+        }
+
+    textures = texture_set(TEXTURE_FAMILIES, 0, DEFECT_KINDS)
+    materials = texture_set(MATERIAL_FAMILIES, 200, MATERIAL_DEFECT_KINDS)
     objects = {
         part: _category(
             lambda rng, role, part=part: _object_view(part, image_size, rng, "left" if role == "prompt" else "right"),
             image_size,
-            num_prompts,
-            num_normal,
-            num_defective,
+            *counts,
             seed * 1000 + 100 + index,
         )
         for index, part in enumerate(OBJECT_PARTS)
