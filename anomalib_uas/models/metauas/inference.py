@@ -36,7 +36,7 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-__all__ = ["ConvActivation", "UpsampledConvActivation", "fold_batch_norm", "inference_copy"]
+__all__ = ["ConvActivation", "PointwiseConv", "UpsampledConvActivation", "fold_batch_norm", "inference_copy"]
 
 
 @torch.no_grad()
@@ -190,6 +190,48 @@ class UpsampledConvActivation(nn.Module):
         return output.permute(0, 3, 1, 2)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution that runs as a matrix product on single-pixel inputs.
+
+    Squeeze-and-excitation gates (in EfficientNet blocks and the decoder's SCSE) apply 1x1 convolutions to globally
+    pooled ``[B, C, 1, 1]`` features, where setting up a convolution costs far more than its arithmetic; there it
+    runs as ``F.linear`` (same result up to float rounding). Larger inputs go through the convolution.
+
+    Args:
+        conv: A 1x1 convolution with stride 1, no padding, no dilation and one group.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Convolve.
+
+        Args:
+            features: ``[B, C, H, W]``.
+
+        Returns:
+            ``[B, out_channels, H, W]``.
+        """
+        conv = self.conv
+        if features.shape[-2:] != (1, 1) or torch.compiler.is_compiling():
+            return conv(features)
+        weight = conv.weight.view(conv.out_channels, conv.in_channels)
+        return nn.functional.linear(features.flatten(1), weight, conv.bias).view(-1, conv.out_channels, 1, 1)
+
+
+def _pointwise(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
 _ONEDNN_ATTRIBUTES: dict[type[nn.Module], tuple[str, list[float]]] = {
     nn.SiLU: ("swish", []),
     nn.ReLU: ("relu", []),
@@ -234,9 +276,18 @@ def inference_copy(module: nn.Module, fold: bool = True) -> nn.Module:
             convolution's output.
 
     Returns:
-        The copy.
+        The copy; its 1x1 convolutions run as matrix products on single-pixel inputs (:class:`PointwiseConv`).
     """
     fused = copy.deepcopy(module).eval().requires_grad_(False)
     for parent in list(fused.modules()) if fold else []:
         _fold_children(parent)
-    return fused.to(memory_format=torch.channels_last)
+    fused = fused.to(memory_format=torch.channels_last)
+    for parent in list(fused.modules()):
+        if isinstance(parent, ConvActivation):  # fused: oneDNN runs it in one primitive already
+            continue
+        for name, child in parent.named_children():
+            if _pointwise(child):
+                setattr(parent, name, PointwiseConv(child))
+    if _pointwise(fused):
+        fused = PointwiseConv(fused)
+    return fused

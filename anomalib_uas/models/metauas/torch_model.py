@@ -144,7 +144,8 @@ class SCSE(nn.Module):
         Returns:
             Gated features of the same shape.
         """
-        return features * self.cSE(features) + features * self.sSE(features)
+        # x * cSE + x * sSE with one full-size temporary instead of three
+        return (features * self.cSE(features)).addcmul_(features, self.sSE(features))
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
