@@ -16,6 +16,7 @@ from torch import nn
 from anomalib_uas.models.metauas.checkpoint import to_official
 from anomalib_uas.models.metauas.inference import (
     ConvActivation,
+    PointwiseConv,
     UpsampledConvActivation,
     fold_batch_norm,
     inference_copy,
@@ -201,3 +202,14 @@ def test_the_bare_network_imports_without_anomalib() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "none"
+
+
+def test_pointwise_convolution_on_a_pooled_input_is_a_matrix_product() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 5, 1).eval()
+    copied = inference_copy(nn.Sequential(conv, nn.SiLU()))
+    assert isinstance(copied[0], PointwiseConv)
+    with torch.no_grad():
+        for shape in [(3, 12, 1, 1), (3, 12, 4, 6)]:  # pooled (matrix product) and spatial (convolution)
+            features = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(copied(features), nn.functional.silu(conv(features)), **TOLERANCE)
