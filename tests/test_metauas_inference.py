@@ -159,6 +159,7 @@ def test_same_padded_stride_two_convolution_runs_without_a_padded_copy(
     torch.manual_seed(0)
     conv = Conv2dSame(8, 16, kernel, stride=2, groups=groups, bias=True).eval()
     fused = ConvActivation(copy.deepcopy(conv), nn.SiLU())
+    assert fused.same
     images = torch.randn(2, 8, *size).contiguous(memory_format=torch.channels_last)
     expected = nn.functional.silu(conv(images))
     with torch.no_grad():

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 
 import torch
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 
 __all__ = ["ConvActivation", "PointwiseConv", "UpsampledConvActivation", "fold_batch_norm", "inference_copy"]
@@ -57,10 +56,17 @@ def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Module:
     return getattr(norm, "act", nn.Identity())
 
 
-def _same_padding(length: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TF "SAME" padding (before, after) of one axis, as timm's ``Conv2dSame`` pads it (dilation 1)."""
-    total = max((math.ceil(length / stride) - 1) * stride + kernel - length, 0)
-    return total // 2, total - total // 2
+def _onednn_path(features: torch.Tensor) -> bool:
+    """Whether the fused oneDNN kernels run: eager float32 on a CPU whose torch has oneDNN.
+
+    ``torch.export`` (ONNX) and ``torch.compile`` trace the plain operations instead, which they can translate.
+    """
+    return (
+        features.device.type == "cpu"
+        and features.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling()
+    )
 
 
 class ConvActivation(nn.Module):
@@ -87,23 +93,23 @@ class ConvActivation(nn.Module):
         self.activation = activation
         self.attribute, self.scalars = _ONEDNN_ATTRIBUTES[type(activation)]
         self.same = isinstance(conv, Conv2dSame)
-        self._kernels: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, list[int]]] = {}
+        self._kernels: dict[tuple[int, ...], tuple[torch.Tensor, list[int]]] = {}
 
     def _kernel(self, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
         """The weight and symmetric padding that give the convolution's output at this input size."""
         conv = self.conv
         if not self.same:
             return conv.weight, list(conv.padding)
-        pads = tuple(
-            _same_padding(length, kernel, stride)
+        totals = tuple(
+            get_same_padding(length, kernel, stride, 1)
             for length, kernel, stride in zip((height, width), conv.kernel_size, conv.stride, strict=True)
         )
-        if pads not in self._kernels:
-            (top, bottom), (left, right) = pads
-            # a zero first tap on each axis padded one more after than before
-            weight = nn.functional.pad(conv.weight, (right - left, 0, bottom - top, 0))
-            self._kernels[pads] = weight, [bottom, right]
-        return self._kernels[pads]
+        if totals not in self._kernels:
+            # timm pads total // 2 before and the rest after: a zero first tap on each axis whose total is odd
+            (odd_h, odd_w) = (total % 2 for total in totals)
+            weight = nn.functional.pad(conv.weight, (odd_w, 0, odd_h, 0))
+            self._kernels[totals] = weight, [totals[0] - totals[0] // 2, totals[1] - totals[1] // 2]
+        return self._kernels[totals]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Convolve and activate.
@@ -115,9 +121,7 @@ class ConvActivation(nn.Module):
             The activated convolution output.
         """
         conv = self.conv
-        eager_cpu = features.device.type == "cpu" and features.dtype == torch.float32
-        # torch.export (ONNX) and torch.compile trace the two plain operations, which they can translate.
-        if eager_cpu and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
+        if _onednn_path(features):
             weight, padding = self._kernel(*features.shape[-2:])
             return torch.ops.mkldnn._convolution_pointwise(
                 features,
@@ -151,8 +155,9 @@ class UpsampledConvActivation(nn.Module):
     def __init__(self, fused: ConvActivation) -> None:
         super().__init__()
         conv = fused.conv
-        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
-            msg = f"UpsampledConvActivation needs a 3x3 convolution with stride 1 and padding 1, got {conv}"
+        shape = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if fused.same or shape != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+            msg = f"UpsampledConvActivation needs a plain 3x3 convolution with stride 1 and padding 1, got {conv}"
             raise ValueError(msg)
         self.fused = fused
         # rows (and columns) of the 3x3 kernel that fall on each of the two input pixels, per output phase
@@ -173,8 +178,7 @@ class UpsampledConvActivation(nn.Module):
             ``[B, out_channels, 2h, 2w]``, channels-last.
         """
         fused = self.fused
-        eager_cpu = features.device.type == "cpu" and features.dtype == torch.float32
-        if not (eager_cpu and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()):
+        if not _onednn_path(features):
             return fused(nn.functional.interpolate(features, scale_factor=2.0, mode="nearest"))
         phases = torch.ops.mkldnn._convolution_pointwise(
             features, self.weight, self.bias, [1, 1], [1, 1], [1, 1], 1, fused.attribute, fused.scalars, ""
@@ -276,7 +280,8 @@ def inference_copy(module: nn.Module, fold: bool = True) -> nn.Module:
             convolution's output.
 
     Returns:
-        The copy; its 1x1 convolutions run as matrix products on single-pixel inputs (:class:`PointwiseConv`).
+        The copy; the 1x1 convolutions inside it run as matrix products on single-pixel inputs
+        (:class:`PointwiseConv`).
     """
     fused = copy.deepcopy(module).eval().requires_grad_(False)
     for parent in list(fused.modules()) if fold else []:
@@ -288,6 +293,4 @@ def inference_copy(module: nn.Module, fold: bool = True) -> nn.Module:
         for name, child in parent.named_children():
             if _pointwise(child):
                 setattr(parent, name, PointwiseConv(child))
-    if _pointwise(fused):
-        fused = PointwiseConv(fused)
     return fused
