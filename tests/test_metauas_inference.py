@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 
@@ -118,6 +119,23 @@ def test_inference_copy_follows_new_weights_and_dtype(model: MetaUASModel) -> No
     torch.testing.assert_close(model(images, prompts).anomaly_map, other(images, prompts).anomaly_map)
     model.double()
     assert model(images.double(), prompts.double()).anomaly_map.dtype == torch.float64
+
+
+def test_a_model_that_ran_copies_and_pickles_without_its_packed_weights(model: MetaUASModel) -> None:
+    """The inference copies keep oneDNN-packed weights, which cannot be copied: copies rebuild them, same output."""
+    images, prompts = _images(10, batch=1), _images(11, batch=1)
+    expected = model(images, prompts).anomaly_map
+    modules = [module for part in model.network() for module in part.modules()]
+    upsampled = [module for module in modules if isinstance(module, UpsampledConvActivation)]
+    called = [module for module in modules if isinstance(module, ConvActivation)]
+    called = [module for module in called if all(module is not other.fused for other in upsampled)]
+    assert called
+    assert upsampled
+    assert all(module._kernel_cache[1].is_mkldnn for module in called)
+    assert all(module._packed_weight[1].is_mkldnn for module in upsampled)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other._inference is None
+        torch.testing.assert_close(other(images, prompts).anomaly_map, expected, rtol=0, atol=0)
 
 
 def test_export_traces_the_plain_convolution_and_activation() -> None:

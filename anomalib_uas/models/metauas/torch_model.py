@@ -322,6 +322,14 @@ class MetaUASModel(nn.Module):
                 setattr(self, f"prompt_bank_{level}", current.new_empty(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deep-copy state without the inference copies, which are rebuilt at the next eval-mode call.
+
+        Returns:
+            The module's state.
+        """
+        return {**super().__getstate__(), "_inference": None}
+
     def _drop_inference_copy(self, incompatible_keys: object) -> None:
         del incompatible_keys
         self._inference = None
