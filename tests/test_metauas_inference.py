@@ -126,16 +126,26 @@ def test_a_model_that_ran_copies_and_pickles_without_its_packed_weights(model: M
     images, prompts = _images(10, batch=1), _images(11, batch=1)
     expected = model(images, prompts).anomaly_map
     modules = [module for part in model.network() for module in part.modules()]
-    upsampled = [module for module in modules if isinstance(module, UpsampledConvActivation)]
-    called = [module for module in modules if isinstance(module, ConvActivation)]
-    called = [module for module in called if all(module is not other.fused for other in upsampled)]
-    assert called
-    assert upsampled
-    assert all(module._kernel_cache[1].is_mkldnn for module in called)
-    assert all(module._packed_weight[1].is_mkldnn for module in upsampled)
+    packed = [module for module in modules if getattr(module, "_packed", None) is not None]
+    assert {type(module) for module in packed} == {ConvActivation, UpsampledConvActivation}
+    assert all(module._packed[1].is_mkldnn for module in packed)
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert other._inference is None
         torch.testing.assert_close(other(images, prompts).anomaly_map, expected, rtol=0, atol=0)
+
+
+def test_packed_kernel_follows_a_dtype_round_trip() -> None:
+    """Moving the weights (here float32 -> float16 -> float32, which rounds them) drops the kernel packed before."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1).eval()
+    fused = ConvActivation(conv, nn.ReLU())
+    features = torch.randn(2, 6, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        before = fused(features)
+        fused.half().float()
+        expected = nn.functional.relu(conv(features))  # with the rounded weights
+        assert not torch.allclose(before, expected, rtol=1e-5, atol=1e-5)  # the rounding shows in the output
+        torch.testing.assert_close(fused(features), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_export_traces_the_plain_convolution_and_activation() -> None:

@@ -58,18 +58,6 @@ def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Module:
     return getattr(norm, "act", nn.Identity())
 
 
-def _packed(weight: torch.Tensor, conv: nn.Conv2d, padding: list[int], features: torch.Tensor) -> torch.Tensor:
-    """The weight reordered into oneDNN's blocked layout, which a plain weight is reordered into at every call.
-
-    oneDNN picks the layout for the input's spatial size (on the CPUs measured, not for its batch size; a weight
-    packed for 8x8 inputs made a 16x16 one up to 6x slower). Outputs are the same bit for bit. Packed once per input
-    size, weights save 10-30 % of the time of the deep encoder layers.
-    """
-    return torch.ops.mkldnn._reorder_convolution_weight(
-        weight, padding, list(conv.stride), list(conv.dilation), conv.groups, list(features.shape)
-    )
-
-
 def _onednn_path(features: torch.Tensor) -> bool:
     """Whether the fused oneDNN kernels run: eager float32 on a CPU whose torch has oneDNN.
 
@@ -83,7 +71,56 @@ def _onednn_path(features: torch.Tensor) -> bool:
     )
 
 
-class ConvActivation(nn.Module):
+class _PackedKernel(nn.Module):
+    """Base of the fused modules: the convolution kernel for the latest input size, in oneDNN's blocked layout.
+
+    oneDNN reorders a plain weight into its blocked layout at every call; packing it once saves 10-30 % of the time
+    of the deep encoder layers, with the same output bit for bit. The layout depends on the input's spatial size
+    (on the CPUs measured, not on the batch size; a weight packed for 8x8 inputs made a 16x16 one up to 6x slower),
+    so the kernel is packed again when the size changes and only the latest size's is kept. Device and dtype moves
+    drop it (it is rebuilt from the moved weights), and so do copies and pickles, which cannot hold oneDNN tensors.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._packed: tuple[torch.Size, torch.Tensor, list[int]] | None = None
+
+    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> _PackedKernel:
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deep-copy state without the packed kernel.
+
+        Returns:
+            The module's state.
+        """
+        return {**super().__getstate__(), "_packed": None}
+
+    def _packed_kernel(
+        self, features: torch.Tensor, conv: nn.Conv2d, kernel: Callable[[], tuple[torch.Tensor, list[int]]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The packed weight and symmetric padding for this input.
+
+        Args:
+            features: The input ``[B, C, H, W]``.
+            conv: The convolution whose stride, dilation and groups the kernel runs with.
+            kernel: Builds the plain weight and padding for this input's size.
+
+        Returns:
+            ``(packed weight, padding)``.
+        """
+        size = features.shape[-2:]
+        if self._packed is None or self._packed[0] != size:
+            weight, padding = kernel()
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, padding, list(conv.stride), list(conv.dilation), conv.groups, list(features.shape)
+            )
+            self._packed = size, packed, padding
+        return self._packed[1], self._packed[2]
+
+
+class ConvActivation(_PackedKernel):
     """A convolution and the activation after it, run as one oneDNN primitive on the CPU where torch has oneDNN.
 
     Elsewhere (other devices, dtypes or builds, and under ``torch.export``/``torch.compile``) the two run one after
@@ -92,8 +129,7 @@ class ConvActivation(nn.Module):
     A timm ``Conv2dSame`` (TF "SAME" padding, which pads one pixel more after than before when the total is odd, as
     at every stride-2 layer of an even-sized input) runs without its ``F.pad`` copy: an axis padded ``(p, p + 1)``
     takes a kernel one tap longer, whose first tap is zero, with ``p + 1`` on both sides. The zero tap sees only
-    the extra padding row, so the output is the same. The kernel is built once per input size and kept in oneDNN's
-    own weight layout, so calls at that size do not reorder it; only the latest size's kernel is kept.
+    the extra padding row, so the output is the same.
     :func:`inference_copy` does this for depthwise convolutions only, where the longer kernel costs less than the
     copy it saves.
 
@@ -108,35 +144,19 @@ class ConvActivation(nn.Module):
         self.activation = activation
         self.attribute, self.scalars = _ONEDNN_ATTRIBUTES[type(activation)]
         self.same = isinstance(conv, Conv2dSame)
-        self._kernel_cache: tuple[torch.Size, torch.Tensor, list[int]] | None = None
 
-    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> ConvActivation:
-        self._kernel_cache = None  # device and dtype moves: rebuilt from the moved weights
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and deep-copy state without the packed kernels (oneDNN's layout cannot be pickled or copied).
-
-        Returns:
-            The module's state.
-        """
-        return {**super().__getstate__(), "_kernel_cache": None}
-
-    def _kernel(self, features: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """The packed weight and symmetric padding that give the convolution's output for this input."""
-        size = features.shape[-2:]
-        if self._kernel_cache is None or self._kernel_cache[0] != size:
-            conv = self.conv
-            totals = [
-                get_same_padding(length, kernel, stride, 1) if self.same else 2 * pad
-                for length, kernel, stride, pad in zip(size, conv.kernel_size, conv.stride, conv.padding, strict=True)
-            ]
-            # timm pads total // 2 before and the rest after: a zero first tap on each axis whose total is odd
-            (odd_h, odd_w) = (total % 2 for total in totals)
-            weight = nn.functional.pad(conv.weight, (odd_w, 0, odd_h, 0)) if odd_h or odd_w else conv.weight
-            padding = [totals[0] - totals[0] // 2, totals[1] - totals[1] // 2]
-            self._kernel_cache = size, _packed(weight, conv, padding, features), padding
-        return self._kernel_cache[1], self._kernel_cache[2]
+    def _kernel(self, size: torch.Size) -> tuple[torch.Tensor, list[int]]:
+        """The plain weight and symmetric padding that give the convolution's output at this input size."""
+        conv = self.conv
+        if not self.same:
+            return conv.weight, list(conv.padding)
+        totals = [
+            get_same_padding(length, kernel, stride, 1)
+            for length, kernel, stride in zip(size, conv.kernel_size, conv.stride, strict=True)
+        ]
+        # timm pads total // 2 before and the rest after: a zero first tap on each axis whose total is odd
+        (odd_h, odd_w) = (total % 2 for total in totals)
+        return nn.functional.pad(conv.weight, (odd_w, 0, odd_h, 0)), [total - total // 2 for total in totals]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Convolve and activate.
@@ -149,7 +169,7 @@ class ConvActivation(nn.Module):
         """
         conv = self.conv
         if _onednn_path(features):
-            weight, padding = self._kernel(features)
+            weight, padding = self._packed_kernel(features, conv, lambda: self._kernel(features.shape[-2:]))
             return torch.ops.mkldnn._convolution_pointwise(
                 features,
                 weight,
@@ -165,7 +185,7 @@ class ConvActivation(nn.Module):
         return self.activation(conv(features))
 
 
-class UpsampledConvActivation(nn.Module):
+class UpsampledConvActivation(_PackedKernel):
     """Nearest x2 upsampling, then a 3x3 stride-1 convolution with padding 1 and its activation, at the low size.
 
     On a nearest-upsampled map, each of the four output phases (row and column parity) of a 3x3 convolution sees
@@ -194,19 +214,6 @@ class UpsampledConvActivation(nn.Module):
             self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last), persistent=False)
             bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
             self.register_buffer("bias", bias.repeat(4), persistent=False)
-        self._packed_weight: tuple[torch.Size, torch.Tensor] | None = None
-
-    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> UpsampledConvActivation:
-        self._packed_weight = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and deep-copy state without the packed weight (oneDNN's layout cannot be pickled or copied).
-
-        Returns:
-            The module's state.
-        """
-        return {**super().__getstate__(), "_packed_weight": None}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Upsample x2 (nearest), convolve and activate.
@@ -220,10 +227,9 @@ class UpsampledConvActivation(nn.Module):
         fused = self.fused
         if not _onednn_path(features):
             return fused(nn.functional.interpolate(features, scale_factor=2.0, mode="nearest"))
-        if self._packed_weight is None or self._packed_weight[0] != features.shape[-2:]:  # the latest size's only
-            self._packed_weight = features.shape[-2:], _packed(self.weight, fused.conv, [1, 1], features)
+        weight, padding = self._packed_kernel(features, fused.conv, lambda: (self.weight, [1, 1]))
         phases = torch.ops.mkldnn._convolution_pointwise(
-            features, self._packed_weight[1], self.bias, [1, 1], [1, 1], [1, 1], 1, fused.attribute, fused.scalars, ""
+            features, weight, self.bias, padding, [1, 1], [1, 1], 1, fused.attribute, fused.scalars, ""
         )
         batch, _, height, width = features.shape
         channels = fused.conv.out_channels
