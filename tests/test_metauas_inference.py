@@ -17,6 +17,7 @@ from torch import nn
 from anomalib_uas.models.metauas.checkpoint import to_official
 from anomalib_uas.models.metauas.inference import (
     ConvActivation,
+    FullResolutionTail,
     PointwiseConv,
     UpsampledConvActivation,
     fold_batch_norm,
@@ -94,6 +95,36 @@ def test_inference_copies_give_the_plain_modules_outputs(backbone: str) -> None:
         _assert_close_to_scale(mask_head(decoder(decoder_input)), model.mask_head(model.decoder(decoder_input)))
 
 
+def test_training_runs_the_frozen_encoder_as_its_copy_and_the_trained_parts_themselves() -> None:
+    """Meta-training with a frozen encoder: its folded copy gives the features, gradients reach the decoder only."""
+    torch.manual_seed(0)
+    model = MetaUASModel(backbone="efficientnet_lite0", pretrained_backbone=False, fusion="absdiff")
+    _randomise_batch_norms(model, seed=1)
+    model.train()
+    encoder, decoder, mask_head = model.network()
+    assert encoder is not model.encoder
+    assert not encoder.training
+    assert decoder is model.decoder
+    assert mask_head is model.mask_head
+    images, prompts = _images(12), _images(13)
+    with torch.no_grad():
+        for plain, fused in zip(model.encoder(images), model.encode(images), strict=True):
+            _assert_close_to_scale(fused, plain)
+    model(images, prompts).mean().backward()
+    assert all(parameter.grad is None for parameter in model.encoder.parameters())
+    assert all(parameter.grad is None for parameter in encoder.parameters())
+    assert all(parameter.grad is not None for parameter in model.decoder.parameters())
+    model.eval()
+    assert model.network()[1] is not model.decoder  # eval mode: copies of all three
+
+
+def test_a_trained_encoder_runs_as_itself_in_training() -> None:
+    model = MetaUASModel(backbone="efficientnet_lite0", pretrained_backbone=False, train_encoder=True).train()
+    assert model.network()[0] is model.encoder
+    model(_images(14), _images(15)).mean().backward()
+    assert model.encoder.conv_stem.weight.grad is not None
+
+
 def test_eval_forward_leaves_state_dict_and_official_export_unchanged(model: MetaUASModel) -> None:
     before = {key: value.clone() for key, value in model.state_dict().items()}
     official_before = set(to_official(model))
@@ -127,7 +158,7 @@ def test_a_model_that_ran_copies_and_pickles_without_its_packed_weights(model: M
     expected = model(images, prompts).anomaly_map
     modules = [module for part in model.network() for module in part.modules()]
     packed = [module for module in modules if getattr(module, "_packed", None) is not None]
-    assert {type(module) for module in packed} == {ConvActivation, UpsampledConvActivation}
+    assert {type(module) for module in packed} == {ConvActivation}
     assert all(module._packed[1].is_mkldnn for module in packed)
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert other._inference is None
@@ -205,20 +236,54 @@ def test_upsampled_convolution_equals_upsampling_then_convolution(activation: nn
     features = (torch.randn(2, 6, 7, 10) * 3).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = activation(conv(nn.functional.interpolate(features, scale_factor=2.0, mode="nearest")))
-        torch.testing.assert_close(upsampled(features), expected, **TOLERANCE)
+        actual = upsampled(features)
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
+        assert actual.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(upsampled(features.contiguous()), expected, **TOLERANCE)  # either memory layout
         doubled = copy.deepcopy(upsampled).double()  # off the oneDNN path: upsample and convolve
         assert doubled(features.double()).dtype == torch.float64
 
 
-def test_decoder_copy_upsamples_inside_the_convolution_only_where_nothing_gates(model: MetaUASModel) -> None:
-    decoder = model.network()[1]
+def test_decoder_copy_runs_the_last_block_with_the_head_and_upsamples_only_where_nothing_gates(
+    model: MetaUASModel,
+) -> None:
+    _, decoder, head = model.network()
+    tail = decoder.blocks[-1]  # the last block has no skip, no gate: it runs with the mask head
+    assert isinstance(tail, FullResolutionTail)
+    assert isinstance(tail.upsampled, UpsampledConvActivation)
+    assert isinstance(head, nn.Identity)
     kinds = [
         (type(block.upsample).__name__, type(block.conv1[0]).__name__, type(block.attention1).__name__)
-        for block in decoder.blocks
+        for block in decoder.blocks[:-1]
     ]
-    assert kinds[-1] == ("Identity", "UpsampledConvActivation", "Identity")  # the last block has no skip, no gate
-    assert all(kind == ("Upsample", "ConvActivation", "SCSE") for kind in kinds[:-1])
+    assert all(kind == ("Upsample", "ConvActivation", "SCSE") for kind in kinds)
+
+
+@pytest.mark.parametrize(("batch", "height"), [(1, 9), (2, 16)])
+def test_tail_in_row_strips_equals_the_whole_map(batch: int, height: int) -> None:
+    """Strips of any row count compute the whole map's rows, at the image borders and between strips."""
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(6, 5, 3, padding=1).eval(), nn.Conv2d(5, 5, 3, padding=1).eval()
+    head = nn.Conv2d(5, 1, 1).eval()
+    upsampled = UpsampledConvActivation(ConvActivation(first, nn.ReLU()))
+    tail = FullResolutionTail(upsampled, ConvActivation(second, nn.ReLU()), head)
+    features = torch.randn(batch, 6, height, 11).contiguous(memory_format=torch.channels_last)
+    row_bytes = batch * 5 * 22 * 4
+    with torch.no_grad():
+        whole = tail(features)
+        expected = head(torch.relu(second(torch.relu(first(nn.functional.interpolate(features, scale_factor=2.0))))))
+        torch.testing.assert_close(whole, expected, **TOLERANCE)
+        for rows in (1, 2, 3, 5, 2 * height - 1):
+            tail.strip_bytes = rows * row_bytes
+            torch.testing.assert_close(tail(features), whole, rtol=0, atol=1e-6)  # rounding only; a wrong row is ~0.1
+        tail.strip_bytes = row_bytes
+        strips = []
+        handle = tail.head.register_forward_hook(lambda _module, _inputs, output: strips.append(output.shape[2]))
+        tail(features)
+        handle.remove()
+        assert strips == [1] * 2 * height  # one call of the head per strip of one row
+    with pytest.raises(ValueError, match="no skip"):
+        tail(features, features)
 
 
 def test_the_bare_network_imports_without_anomalib() -> None:

@@ -224,6 +224,24 @@ def test_dataloader_workers_give_the_same_items(sources: list[np.ndarray]) -> No
         assert torch.equal(a.mask, b.mask)
 
 
+def test_batches_made_on_several_threads_equal_the_items_one_by_one(sources: list[np.ndarray]) -> None:
+    dataset = ChangePairDataset(sources, length=8, seed=3, config=SMALL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = dataset.__getitems__([5, 0, 7, 2])
+        loaded = next(iter(DataLoader(dataset, batch_size=4, collate_fn=list)))  # fetches through __getitems__
+    finally:
+        torch.set_num_threads(threads)
+    for indices, pairs in (([5, 0, 7, 2], batch), ([0, 1, 2, 3], loaded)):
+        expected = [dataset[index] for index in indices]
+        assert [pair.kind for pair in pairs] == [pair.kind for pair in expected]
+        for a, b in zip(pairs, expected, strict=True):
+            assert torch.equal(a.prompt, b.prompt)
+            assert torch.equal(a.query, b.query)
+            assert torch.equal(a.mask, b.mask)
+
+
 def test_perlin_noise_and_mask() -> None:
     noise = perlin_noise((64, 96), (4, 6), np.random.default_rng(0))
     assert noise.shape == (64, 96)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -658,6 +659,26 @@ class ChangePairDataset(Dataset):
             The pair.
         """
         return self.synthesize(index)[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[ChangePair]:
+        """Synthesize the pairs of one batch, on as many threads as torch uses.
+
+        A ``DataLoader`` fetches whole batches through this method. Pairs are made while no training step runs, so the
+        cores torch computes on are free; NumPy and OpenCV release the GIL in most of the work. Each pair depends on
+        ``(seed, index)`` only, so the result is the same as one after the other. In ``DataLoader`` worker processes
+        torch uses one thread and the pairs are made one after the other.
+
+        Args:
+            indices: Item indices in ``[0, length)``.
+
+        Returns:
+            The pairs, in the order of ``indices``.
+        """
+        threads = min(torch.get_num_threads(), len(indices))
+        if threads <= 1:
+            return [self[index] for index in indices]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self.__getitem__, indices))
 
     def synthesize(self, index: int, kind: str | None = None) -> tuple[ChangePair, np.ndarray]:
         """Synthesize pair ``index`` and return it with the clean image the change was applied to.

@@ -37,7 +37,14 @@ import torch
 from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 
-__all__ = ["ConvActivation", "PointwiseConv", "UpsampledConvActivation", "fold_batch_norm", "inference_copy"]
+__all__ = [
+    "ConvActivation",
+    "FullResolutionTail",
+    "PointwiseConv",
+    "UpsampledConvActivation",
+    "fold_batch_norm",
+    "inference_copy",
+]
 
 
 @torch.no_grad()
@@ -71,56 +78,7 @@ def _onednn_path(features: torch.Tensor) -> bool:
     )
 
 
-class _PackedKernel(nn.Module):
-    """Base of the fused modules: the convolution kernel for the latest input size, in oneDNN's blocked layout.
-
-    oneDNN reorders a plain weight into its blocked layout at every call; packing it once saves 10-30 % of the time
-    of the deep encoder layers, with the same output bit for bit. The layout depends on the input's spatial size
-    (on the CPUs measured, not on the batch size; a weight packed for 8x8 inputs made a 16x16 one up to 6x slower),
-    so the kernel is packed again when the size changes and only the latest size's is kept. Device and dtype moves
-    drop it (it is rebuilt from the moved weights), and so do copies and pickles, which cannot hold oneDNN tensors.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._packed: tuple[torch.Size, torch.Tensor, list[int]] | None = None
-
-    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> _PackedKernel:
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and deep-copy state without the packed kernel.
-
-        Returns:
-            The module's state.
-        """
-        return {**super().__getstate__(), "_packed": None}
-
-    def _packed_kernel(
-        self, features: torch.Tensor, conv: nn.Conv2d, kernel: Callable[[], tuple[torch.Tensor, list[int]]]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """The packed weight and symmetric padding for this input.
-
-        Args:
-            features: The input ``[B, C, H, W]``.
-            conv: The convolution whose stride, dilation and groups the kernel runs with.
-            kernel: Builds the plain weight and padding for this input's size.
-
-        Returns:
-            ``(packed weight, padding)``.
-        """
-        size = features.shape[-2:]
-        if self._packed is None or self._packed[0] != size:
-            weight, padding = kernel()
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, padding, list(conv.stride), list(conv.dilation), conv.groups, list(features.shape)
-            )
-            self._packed = size, packed, padding
-        return self._packed[1], self._packed[2]
-
-
-class ConvActivation(_PackedKernel):
+class ConvActivation(nn.Module):
     """A convolution and the activation after it, run as one oneDNN primitive on the CPU where torch has oneDNN.
 
     Elsewhere (other devices, dtypes or builds, and under ``torch.export``/``torch.compile``) the two run one after
@@ -133,6 +91,13 @@ class ConvActivation(_PackedKernel):
     :func:`inference_copy` does this for depthwise convolutions only, where the longer kernel costs less than the
     copy it saves.
 
+    The kernel is kept in oneDNN's blocked layout for the latest input size: oneDNN would reorder a plain weight at
+    every call, and packing it once saves 10-30 % of the time of the deep encoder layers, with the same output bit
+    for bit. The layout depends on the input's spatial size (on the CPUs measured, not on the batch size; a weight
+    packed for 8x8 inputs made a 16x16 one up to 6x slower), so the kernel is packed again when the size changes and
+    only the latest size's is kept. Device and dtype moves drop it (it is rebuilt from the moved weights), and so do
+    copies and pickles, which cannot hold oneDNN tensors.
+
     Args:
         conv: An ``nn.Conv2d`` with numeric padding, or a timm ``Conv2dSame`` without dilation.
         activation: ``nn.SiLU``, ``nn.ReLU``, ``nn.ReLU6`` (EfficientNet-Lite) or ``nn.Identity``.
@@ -140,10 +105,42 @@ class ConvActivation(_PackedKernel):
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module) -> None:
         super().__init__()
+        self._packed: tuple[torch.Size, torch.Tensor, list[int]] | None = None
         self.conv = conv
         self.activation = activation
         self.attribute, self.scalars = _ONEDNN_ATTRIBUTES[type(activation)]
         self.same = isinstance(conv, Conv2dSame)
+
+    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> ConvActivation:
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deep-copy state without the packed kernel.
+
+        Returns:
+            The module's state.
+        """
+        return {**super().__getstate__(), "_packed": None}
+
+    def _packed_kernel(self, features: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The packed weight and symmetric padding for this input.
+
+        Args:
+            features: The input ``[B, C, H, W]``.
+
+        Returns:
+            ``(packed weight, padding)``.
+        """
+        size = features.shape[-2:]
+        conv = self.conv
+        if self._packed is None or self._packed[0] != size:
+            weight, padding = self._kernel(size)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, padding, list(conv.stride), list(conv.dilation), conv.groups, list(features.shape)
+            )
+            self._packed = size, packed, padding
+        return self._packed[1], self._packed[2]
 
     def _kernel(self, size: torch.Size) -> tuple[torch.Tensor, list[int]]:
         """The plain weight and symmetric padding that give the convolution's output at this input size."""
@@ -169,7 +166,7 @@ class ConvActivation(_PackedKernel):
         """
         conv = self.conv
         if _onednn_path(features):
-            weight, padding = self._packed_kernel(features, conv, lambda: self._kernel(features.shape[-2:]))
+            weight, padding = self._packed_kernel(features)
             return torch.ops.mkldnn._convolution_pointwise(
                 features,
                 weight,
@@ -185,15 +182,17 @@ class ConvActivation(_PackedKernel):
         return self.activation(conv(features))
 
 
-class UpsampledConvActivation(_PackedKernel):
-    """Nearest x2 upsampling, then a 3x3 stride-1 convolution with padding 1 and its activation, at the low size.
+class UpsampledConvActivation(nn.Module):
+    """Nearest x2 upsampling, then a 3x3 stride-1 convolution with padding 1 and its activation, as one transposed one.
 
-    On a nearest-upsampled map, each of the four output phases (row and column parity) of a 3x3 convolution sees
-    only a 2x2 neighbourhood of the low-resolution input: two of its three kernel rows (and columns) fall on the
-    same input pixel, so their weights add up. One 2x2 convolution with padding 1 on the input computes the four
-    phases as four groups of output channels; interleaving them gives the full-size output. That is 4/9 of the
-    multiplications, and the upsampled map is never made. Outputs agree with upsample-then-convolve up to float
-    rounding. Off the eager CPU path it upsamples and runs the module it was built from.
+    On a nearest-upsampled map, each output pixel of a 3x3 convolution sees only a 2x2 neighbourhood of the
+    low-resolution input: two of its three kernel rows (and columns) fall on the same input pixel, so their weights
+    add up. Along one axis, output ``2i`` takes ``w0 * x[i - 1] + (w1 + w2) * x[i]`` and output ``2i + 1`` takes
+    ``(w0 + w1) * x[i] + w2 * x[i + 1]``: a stride-2 transposed convolution with the 4-tap kernel
+    ``(w2, w1 + w2, w0 + w1, w0)`` and padding 1. oneDNN runs it with the activation fused and writes the full-size
+    output directly: 4/9 of the multiplications, and the upsampled map is never made. Outputs agree with
+    upsample-then-convolve up to float rounding. Off the eager CPU path it upsamples and runs the module it was built
+    from.
 
     Args:
         fused: The convolution (3x3, stride 1, padding 1, no dilation or groups) fused with its activation.
@@ -207,13 +206,11 @@ class UpsampledConvActivation(_PackedKernel):
             msg = f"UpsampledConvActivation needs a plain 3x3 convolution with stride 1 and padding 1, got {conv}"
             raise ValueError(msg)
         self.fused = fused
-        # rows (and columns) of the 3x3 kernel that fall on each of the two input pixels, per output phase
         with torch.no_grad():
-            phases = conv.weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
-            weight = torch.einsum("apk,oikl,bql->aboipq", phases, conv.weight, phases).flatten(0, 2)
+            # the 4-tap kernel on each axis; transposed convolutions take [in_channels, out_channels, kh, kw]
+            taps = conv.weight.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+            weight = torch.einsum("ak,oikl,bl->oiab", taps, conv.weight, taps).transpose(0, 1)
             self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last), persistent=False)
-            bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-            self.register_buffer("bias", bias.repeat(4), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Upsample x2 (nearest), convolve and activate.
@@ -227,19 +224,86 @@ class UpsampledConvActivation(_PackedKernel):
         fused = self.fused
         if not _onednn_path(features):
             return fused(nn.functional.interpolate(features, scale_factor=2.0, mode="nearest"))
-        weight, padding = self._packed_kernel(features, fused.conv, lambda: (self.weight, [1, 1]))
-        phases = torch.ops.mkldnn._convolution_pointwise(
-            features, weight, self.bias, padding, [1, 1], [1, 1], 1, fused.attribute, fused.scalars, ""
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            features,
+            self.weight,
+            fused.conv.bias,
+            [1, 1],
+            [0, 0],
+            [2, 2],
+            [1, 1],
+            1,
+            fused.attribute,
+            fused.scalars,
+            "",
         )
+
+
+class FullResolutionTail(nn.Module):
+    """The decoder's last block (x2 nearest upsampling, two 3x3 conv-activations) and the mask head, in row strips.
+
+    The last block works at the input resolution, where its two intermediate maps are the largest tensors of the
+    forward pass (50 MB each at 512 px with the official 48 channels). Above ``strip_bytes`` per intermediate the
+    block and the head run on horizontal strips of output rows, each from the few input rows it depends on, and only
+    the one-channel logits are assembled at full size: the strips stay in memory the allocator reuses (glibc maps every
+    block above 32 MB afresh, and the kernel zero-fills its pages at every call) and in the cache, and the peak memory
+    drops by the two full-size maps. Each strip gives its rows' values of the whole-map computation (up to float
+    rounding where oneDNN picks another kernel for the strip's shape).
+
+    Args:
+        upsampled: The block's first convolution with the upsampling folded in.
+        conv: The block's second convolution, 3x3 with padding 1.
+        head: The mask head (a 1x1 convolution).
+        strip_bytes: Largest intermediate map computed at once.
+    """
+
+    def __init__(
+        self, upsampled: UpsampledConvActivation, conv: ConvActivation, head: nn.Module, strip_bytes: int = 16 << 20
+    ) -> None:
+        super().__init__()
+        if conv.conv.kernel_size != (3, 3) or conv.conv.padding != (1, 1) or conv.conv.stride != (1, 1):
+            msg = f"FullResolutionTail needs a 3x3 second convolution with stride 1 and padding 1, got {conv.conv}"
+            raise ValueError(msg)
+        self.upsampled = upsampled
+        self.conv = conv
+        self.head = head
+        self.strip_bytes = strip_bytes
+
+    def _rows(self, features: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Logits of output rows ``[start, stop)``, from the input rows they depend on."""
+        height = 2 * features.shape[2]
+        # the second convolution needs one upsampled row on each side; upsampled row 2i (2i + 1) reads input rows
+        # i - 1 and i (i and i + 1), so one input row on each side more, whose own outer output rows are dropped
+        first, last = max(start - 1, 0), min(stop + 1, height)
+        low, high = max(first // 2 - 1, 0), min((last - 1) // 2 + 2, features.shape[2])
+        upsampled = self.upsampled(features[:, :, low:high])[:, :, first - 2 * low : last - 2 * low]
+        return self.head(self.conv(upsampled)[:, :, start - first : stop - first])
+
+    def forward(self, features: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the last level and predict the logits.
+
+        Args:
+            features: ``[B, C, h, w]`` from the previous block.
+            skip: Must be ``None``: the last block has no skip connection.
+
+        Returns:
+            Logits ``[B, 1, 2h, 2w]``.
+        """
+        if skip is not None:
+            msg = "The last decoder block has no skip connection."
+            raise ValueError(msg)
         batch, _, height, width = features.shape
-        channels = fused.conv.out_channels
-        output = features.new_empty((batch, 2 * height, 2 * width, channels))
-        by_phase = output.view(batch, height, 2, width, 2, channels)
-        phases = phases.permute(0, 2, 3, 1)  # a view: the convolution's output is channels-last
-        for index, (row, column) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            window = phases[:, row : row + height, column : column + width, index * channels : (index + 1) * channels]
-            by_phase[:, :, row, :, column].copy_(window)
-        return output.permute(0, 3, 1, 2)
+        channels = max(self.upsampled.fused.conv.out_channels, self.conv.conv.out_channels)
+        row_bytes = batch * channels * 2 * width * features.element_size()
+        strips = -(-2 * height * row_bytes // self.strip_bytes)
+        if strips <= 1 or not _onednn_path(features):
+            return self.head(self.conv(self.upsampled(features)))
+        rows = -(-2 * height // strips)
+        logits = features.new_empty((batch, 1, 2 * height, 2 * width))
+        for start in range(0, 2 * height, rows):
+            stop = min(start + rows, 2 * height)
+            logits[:, :, start:stop] = self._rows(features, start, stop)
+        return logits
 
 
 class PointwiseConv(nn.Module):

@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib_uas.models.components.backbones import EfficientNetStages, build_encoder
-from anomalib_uas.models.metauas.inference import UpsampledConvActivation, inference_copy
+from anomalib_uas.models.metauas.inference import FullResolutionTail, UpsampledConvActivation, inference_copy
 
 __all__ = ["ALIGNED_LEVELS", "FeatureAlignment", "MetaUASModel", "MetaUASOutput", "UNetDecoder"]
 
@@ -335,30 +335,36 @@ class MetaUASModel(nn.Module):
         self._inference = None
 
     def network(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        """The encoder, decoder and mask head that run: the modules themselves in training mode, else inference copies.
+        """The encoder, decoder and mask head that run: inference copies where no gradient is needed.
 
         The inference copies (:func:`~anomalib_uas.models.metauas.inference.inference_copy`) have the batch norms
         of EfficientNet encoders and of the decoder folded into the convolutions and channels-last weights, and the
         last decoder block upsamples inside its first convolution
-        (:class:`~anomalib_uas.models.metauas.inference.UpsampledConvActivation`); they give the same outputs up to
-        float rounding, faster. ``torch.export`` (ONNX) and ``torch.compile`` trace the
-        modules themselves. The copies are built at the first eval-mode call and rebuilt after ``train()``/``eval()``,
-        ``load_state_dict`` and device or dtype moves; weights changed in place in eval mode by other means need
-        ``eval()`` again. ``state_dict`` and saved checkpoints hold only the original modules.
+        (:class:`~anomalib_uas.models.metauas.inference.UpsampledConvActivation`) and runs together with the mask head,
+        in row strips at large sizes (:class:`~anomalib_uas.models.metauas.inference.FullResolutionTail`; the
+        returned head is then ``nn.Identity``); they give the same outputs up to float rounding, faster. In eval mode
+        all three are copies. In training mode the decoder and head are the
+        modules themselves, and so is the encoder when it is trained (``train_encoder``); a frozen encoder runs as its
+        copy (half of a meta-training step's time was the frozen encoder). ``torch.export`` (ONNX) and
+        ``torch.compile`` trace the modules themselves. The copies are built at the first call and rebuilt after
+        ``train()``/``eval()``, ``load_state_dict`` and device or dtype moves; weights changed in place by other means
+        need ``train()`` or ``eval()`` again. ``state_dict`` and saved checkpoints hold only the original modules.
 
         Returns:
             ``(encoder, decoder, mask_head)``.
         """
-        if self.training or torch.compiler.is_compiling():  # export and compile trace the modules themselves
-            return self.encoder, self.decoder, self.mask_head
+        if torch.compiler.is_compiling() or (self.training and self.train_encoder):
+            return self.encoder, self.decoder, self.mask_head  # export and compile trace the modules themselves
         if self._inference is None:
-            fold_encoder = isinstance(self.encoder, EfficientNetStages)
-            decoder = inference_copy(self.decoder)
-            for block in decoder.blocks:
-                if isinstance(block.attention1, nn.Identity):  # nothing between the upsampling and the convolution
-                    block.conv1[0] = UpsampledConvActivation(block.conv1[0])
-                    block.upsample = nn.Identity()
-            self._inference = (inference_copy(self.encoder, fold=fold_encoder), decoder, inference_copy(self.mask_head))
+            encoder = inference_copy(self.encoder, fold=isinstance(self.encoder, EfficientNetStages))
+            if self.training:
+                self._inference = (encoder, self.decoder, self.mask_head)
+            else:
+                decoder = inference_copy(self.decoder)
+                last = decoder.blocks[-1]  # no skip and no gates: upsampling, two conv-activations
+                upsampled = UpsampledConvActivation(last.conv1[0])
+                decoder.blocks[-1] = FullResolutionTail(upsampled, last.conv2[0], inference_copy(self.mask_head))
+                self._inference = (encoder, decoder, nn.Identity())
         return self._inference
 
     @property
