@@ -284,6 +284,8 @@ def test_tail_in_row_strips_equals_the_whole_map(batch: int, height: int) -> Non
         assert strips == [1] * 2 * height  # one call of the head per strip of one row
     with pytest.raises(ValueError, match="no skip"):
         tail(features, features)
+    with pytest.raises(ValueError, match="1x1 convolution as the head"):
+        FullResolutionTail(upsampled, ConvActivation(second, nn.ReLU()), nn.Conv2d(5, 1, 3, padding=1))
 
 
 def test_the_bare_network_imports_without_anomalib() -> None:

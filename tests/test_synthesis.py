@@ -57,14 +57,19 @@ def assert_pair_format(pair: ChangePair, size: int) -> None:
     assert pair.kind in CHANGE_KINDS
 
 
+def assert_same_pairs(actual: list[ChangePair], expected: list[ChangePair]) -> None:
+    assert [pair.kind for pair in actual] == [pair.kind for pair in expected]
+    for a, b in zip(actual, expected, strict=True):
+        assert torch.equal(a.prompt, b.prompt)
+        assert torch.equal(a.query, b.query)
+        assert torch.equal(a.mask, b.mask)
+
+
 def test_same_seed_and_index_give_identical_pairs(sources: list[np.ndarray]) -> None:
     first = ChangePairDataset(sources, length=20, seed=3, config=SMALL)
     second = ChangePairDataset(sources, length=20, seed=3, config=SMALL)
-    for index in (0, 5, 19, 5):
-        a, b = first[index], second[index]
-        assert a.kind == b.kind
-        for name in ("prompt", "query", "mask"):
-            assert torch.equal(getattr(a, name), getattr(b, name))
+    indices = (0, 5, 19, 5)
+    assert_same_pairs([first[index] for index in indices], [second[index] for index in indices])
 
 
 def test_different_seed_or_index_gives_different_pairs(sources: list[np.ndarray]) -> None:
@@ -217,11 +222,7 @@ def test_dataloader_workers_give_the_same_items(sources: list[np.ndarray]) -> No
     dataset = ChangePairDataset(sources, length=6, seed=5, config=SMALL)
     serial = list(DataLoader(dataset, batch_size=None, num_workers=0))
     parallel = list(DataLoader(dataset, batch_size=None, num_workers=2))
-    assert [pair.kind for pair in serial] == [pair.kind for pair in parallel]
-    for a, b in zip(serial, parallel, strict=True):
-        assert torch.equal(a.prompt, b.prompt)
-        assert torch.equal(a.query, b.query)
-        assert torch.equal(a.mask, b.mask)
+    assert_same_pairs(parallel, serial)
 
 
 def test_batches_made_on_several_threads_equal_the_items_one_by_one(sources: list[np.ndarray]) -> None:
@@ -233,13 +234,8 @@ def test_batches_made_on_several_threads_equal_the_items_one_by_one(sources: lis
         loaded = next(iter(DataLoader(dataset, batch_size=4, collate_fn=list)))  # fetches through __getitems__
     finally:
         torch.set_num_threads(threads)
-    for indices, pairs in (([5, 0, 7, 2], batch), ([0, 1, 2, 3], loaded)):
-        expected = [dataset[index] for index in indices]
-        assert [pair.kind for pair in pairs] == [pair.kind for pair in expected]
-        for a, b in zip(pairs, expected, strict=True):
-            assert torch.equal(a.prompt, b.prompt)
-            assert torch.equal(a.query, b.query)
-            assert torch.equal(a.mask, b.mask)
+    assert_same_pairs(batch, [dataset[index] for index in (5, 0, 7, 2)])
+    assert_same_pairs(loaded, [dataset[index] for index in range(4)])
 
 
 def test_perlin_noise_and_mask() -> None:

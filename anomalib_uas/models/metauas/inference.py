@@ -264,6 +264,9 @@ class FullResolutionTail(nn.Module):
         if conv.conv.kernel_size != (3, 3) or conv.conv.padding != (1, 1) or conv.conv.stride != (1, 1):
             msg = f"FullResolutionTail needs a 3x3 second convolution with stride 1 and padding 1, got {conv.conv}"
             raise ValueError(msg)
+        if not (isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1) and head.padding == (0, 0)):
+            msg = f"FullResolutionTail needs a 1x1 convolution as the head (each row on its own), got {head}"
+            raise ValueError(msg)
         self.upsampled = upsampled
         self.conv = conv
         self.head = head

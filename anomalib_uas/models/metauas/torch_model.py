@@ -345,7 +345,7 @@ class MetaUASModel(nn.Module):
         returned head is then ``nn.Identity``); they give the same outputs up to float rounding, faster. In eval mode
         all three are copies. In training mode the decoder and head are the
         modules themselves, and so is the encoder when it is trained (``train_encoder``); a frozen encoder runs as its
-        copy (half of a meta-training step's time was the frozen encoder). ``torch.export`` (ONNX) and
+        copy (the frozen encoder's plain modules took over 40 % of a meta-training step). ``torch.export`` (ONNX) and
         ``torch.compile`` trace the modules themselves. The copies are built at the first call and rebuilt after
         ``train()``/``eval()``, ``load_state_dict`` and device or dtype moves; weights changed in place by other means
         need ``train()`` or ``eval()`` again. ``state_dict`` and saved checkpoints hold only the original modules.
