@@ -18,7 +18,14 @@ modules (:mod:`anomalib_uas.stages`) with the default paths:
 * ``uas serve CATEGORY [--model MODEL]``: serve the category's ``champion`` (or ``champion-MODEL``) registered
   model over REST on its exported graph, with bounded requests (body, rows, megapixels, requests in flight).
 
-Each stage takes ``--help`` for its own options. Bad input exits with code 2 and one line that says what to fix.
+Each stage takes ``--help`` for its own options. Every command that fails ends in one line on stderr, never a
+traceback, and its exit code says which kind of failure it was:
+
+* 2: bad input (parameters, files, weights, a missing model or database); the line names the fix;
+* 1: an unexpected failure; the line says what happened and names the log file that holds the traceback,
+  ``logs/uas-<command>-<UTC time>-<pid>.log`` under the working directory (under the temp folder where that cannot
+  be written);
+* 130: interrupted (Ctrl-C).
 
 Example:
     $ uas data && uas weights metauas && uas evaluate metauas && uas report
@@ -34,6 +41,7 @@ from pathlib import Path
 
 from anomalib_uas.params import MODEL_NAMES
 from anomalib_uas.serving import limits
+from anomalib_uas.stages import StageError, guarded
 
 __all__ = ["build_parser", "main"]
 
@@ -45,8 +53,8 @@ STAGES = {
     "review": "Build the FiftyOne review datasets (--launch DATASET serves the App).",
     "feedback": "Export the images reviewers marked feedback:normal / feedback:hard to data/feedback.",
 }
-# Failures of bad input: one line and exit code 2, never a traceback.
-INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# Failures of bad input: one line and exit code 2, never a traceback (other failures: see stages.guarded).
+INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, StageError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +147,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from anomalib_uas.predict import predict_folder
 
+    if args.review:
+        from anomalib_uas.database import connect_database
+
+        connect_database()  # before scoring: a database that does not come up fails now, not after the work
     result = predict_folder(args.folder, args.category, args.model, args.checkpoint, args.output, args.review)
     print(f"{result.images} images scored with {result.model_uri}: {result.flagged} flagged, {result.errors} errors")
     print(f"Table: {result.csv}; contact sheet: {result.html}")
@@ -146,6 +158,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _launch(argv: Sequence[str]) -> int:
+    from anomalib_uas.database import connect_database
     from anomalib_uas.review import serve_review
 
     parser = argparse.ArgumentParser(prog="uas review --launch", description="Serve the FiftyOne App.")
@@ -154,6 +167,7 @@ def _launch(argv: Sequence[str]) -> int:
     parser.add_argument("--port", type=int, default=5151, help="App port (%(default)s).")
     parser.add_argument("--timeout", type=float, help="Stop the App after this many seconds.")
     args = parser.parse_args(argv)
+    connect_database()
     print(f"FiftyOne App: http://127.0.0.1:{args.port} (dataset {args.launch}, view {args.view}); Ctrl-C stops it")
     serve_review(args.launch, port=args.port, view=args.view, timeout=args.timeout)
     return 0
@@ -166,27 +180,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments; ``sys.argv[1:]`` by default.
 
     Returns:
-        The exit code: 0 on success, 2 for bad input (the message says what to fix).
+        The exit code: 0 on success, 2 for bad input (the message says what to fix), 1 for an unexpected failure
+        (the message names the log file with the traceback), 130 when interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in STAGES:
         command, rest = argv[0], argv[1:]
         if command == "review" and any(a == "--launch" or a.startswith("--launch=") for a in rest):
             return _guarded(command, lambda: _launch(rest))
-        return importlib.import_module(f"anomalib_uas.stages.{command}").cli(rest)
+        # The stage handles its own failures; this catches those of its import (a broken install, Ctrl-C).
+        return guarded(command, lambda: importlib.import_module(f"anomalib_uas.stages.{command}").cli(rest), ())
     args = build_parser().parse_args(argv)
     return _guarded(args.command, lambda: (_predict if args.command == "predict" else _serve)(args))
 
 
 def _guarded(command: str, run: Callable[[], int]) -> int:
-    """Run a command that is not a stage; bad input is one line and exit code 2."""
+    """Run a command that is not a stage: bad input is one line and exit code 2, other failures as in a stage."""
     from anomalib_uas.weights import WeightsError
 
-    try:
-        return run()
-    except (*INPUT_ERRORS, WeightsError) as exc:
-        print(f"uas {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    return guarded(command, run, (*INPUT_ERRORS, WeightsError))
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ from anomalib_uas.weights import sha256sum
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GRAPH_CHECK_TAG",
     "GRAPH_FROM_TAG",
     "GRAPH_KEY_TAG",
+    "RUNTIME_TAG",
     "ServableModel",
     "graph_key",
     "register_model",
@@ -50,6 +52,8 @@ __all__ = [
 
 GRAPH_KEY_TAG = "uas.graph_key"
 GRAPH_FROM_TAG = "uas.graph_from"  # the earlier version whose graph a version reuses
+RUNTIME_TAG = "uas.runtime"  # what serves the version: "onnx" (its checked graph) or "eager" (the graph failed)
+GRAPH_CHECK_TAG = "uas.graph_check"  # the graph's differences from the eager model, or why it failed
 
 
 def registered_name(category: str) -> str:
@@ -75,6 +79,8 @@ class ServableModel:
         config: ``model``, ``category``, ``kwargs`` (model arguments) and the raw-score ``image_threshold`` and
             ``pixel_threshold``.
         example_image: An image of the category, stored as the signature's input example.
+        check_images: Further images of the category that the exported graph is checked on (normal and defective
+            ones, so that both sides of the thresholds are compared).
         prompt_paths: Normal prompt images (MetaUAS, InCTRL).
         clip_weights: CLIP weights file (InCTRL without a CLIP tower in its checkpoint, FAPrompt).
     """
@@ -84,6 +90,7 @@ class ServableModel:
     checkpoint: Path
     config: dict[str, Any]
     example_image: Path
+    check_images: tuple[Path, ...] = ()
     prompt_paths: list[Path] = field(default_factory=list)
     clip_weights: Path | None = None
 
@@ -129,9 +136,13 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
 
     Must run inside an active run (see :func:`~anomalib_uas.tracking.stage_run`). The version is self-contained:
     its checkpoint, CLIP weights and prompt images are copied into the model's artifacts, with the ONNX graph it
-    serves, checked against the eager model. The graph is exported here, or copied from the newest earlier version
-    with the same :func:`graph_key` (tag ``uas.graph_key``) when that graph passes the same check; the version then
-    names the one it came from (tag ``uas.graph_from``).
+    serves, checked against the eager model (:func:`~anomalib_uas.serving.runtime.check_graph`). The graph is
+    exported here, or copied from the newest earlier version with the same :func:`graph_key` (tag
+    ``uas.graph_key``) when that graph passes the same check; the version then names the one it came from (tag
+    ``uas.graph_from``). A graph that fails the check is not stored: the version serves the eager model, which is
+    the reference the graph is checked against, slower but exact; tag ``uas.runtime`` says which runtime serves a
+    version and ``uas.graph_check`` what the check measured or why it failed, and a warning names model,
+    category, output and difference.
 
     Args:
         servable: The model and its files.
@@ -143,18 +154,19 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
 
     Raises:
         ValueError: A prompted model without prompt images, or metrics without the champion metric.
-        RuntimeError: The exported graph does not reproduce the eager model.
     """
     if champion_metric not in metrics:
         msg = f"registry.champion_metric {champion_metric!r} is not among the metrics {sorted(metrics)}: fix it"
         raise ValueError(msg)
     from anomalib_uas.models import get_spec
     from anomalib_uas.serving.pyfunc import SIGNATURE, UASPyfuncModel, export_servable
+    from anomalib_uas.serving.runtime import GraphMismatchError
 
     if get_spec(servable.model).takes_prompts and not servable.prompt_paths:
         msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
         raise ValueError(msg)
     name = registered_name(servable.category)
+    tags = {"uas.model": servable.model}
     with tempfile.TemporaryDirectory() as folder:
         staging = Path(folder)
         (staging / "config.json").write_text(json.dumps(servable.config, indent=2))
@@ -166,11 +178,20 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
             artifacts["prompts"] = str(staging / "prompts")
         if servable.clip_weights is not None:
             artifacts["clip"] = str(servable.clip_weights)
-        key = graph_key(servable)
+        tags[GRAPH_KEY_TAG] = key = graph_key(servable)
         earlier_version, earlier = _earlier_graph(name, key, staging / "earlier")
         graph = staging / "graph"
-        reused = export_servable(servable.config, artifacts, servable.example_image, graph, earlier)
-        artifacts["graph"] = str(graph)
+        images = [servable.example_image, *servable.check_images]
+        try:
+            reused, difference = export_servable(servable.config, artifacts, images, graph, earlier)
+        except GraphMismatchError as error:
+            logger.warning("%s %s: %s; this version serves the eager model", servable.model, servable.category, error)
+            tags.update({RUNTIME_TAG: "eager", GRAPH_CHECK_TAG: f"failed: {error}"})
+        else:
+            artifacts["graph"] = str(graph)
+            tags.update({RUNTIME_TAG: "onnx", GRAPH_CHECK_TAG: difference.describe()})
+            if reused:
+                tags[GRAPH_FROM_TAG] = earlier_version
         info = mlflow.pyfunc.log_model(
             name=f"{servable.model}-{servable.category}",
             python_model=UASPyfuncModel(),
@@ -191,11 +212,9 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
         )
     client = mlflow.MlflowClient()
     version = info.registered_model_version
-    client.set_model_version_tag(name, version, "uas.model", servable.model)
-    client.set_model_version_tag(name, version, GRAPH_KEY_TAG, key)
-    if reused:
-        client.set_model_version_tag(name, version, GRAPH_FROM_TAG, earlier_version)
-    client.set_model_version_tag(name, version, champion_metric, f"{metrics[champion_metric]:.6f}")
+    tags[champion_metric] = f"{metrics[champion_metric]:.6f}"
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, version, tag, value)
     update_champion(name, champion_metric)
     return client.get_model_version(name, version)
 

@@ -17,6 +17,25 @@ run writes only the fields listed in :data:`PIPELINE_FIELDS`:
 Everything else survives a run: sample tags (such as the feedback tags of :mod:`anomalib_uas.feedback`), label
 tags and attributes (labels are updated in place), and any field a reviewer adds. ``rebuild=True`` starts clean.
 
+Image file means its canonical path, :func:`canonical_path` (``~`` expanded, made absolute against the working
+directory, ``..`` and symlinks resolved), on both sides: the predictions' ``image_path`` (relative to the repository
+root when DVC runs the stage) and the ``filepath`` of the samples already stored. So ``data/x.png``,
+``/repo/data/x.png``, ``/repo/data/../data/x.png`` and a path through a symlinked folder are one sample; a run
+writes the canonical path into ``filepath``, and the derived PNGs are named from it (:func:`media_stem`).
+
+Datasets that hold several samples of one key (left by versions that compared paths as spelled) are merged by the
+next run, before the update (:func:`upsert_samples`):
+
+* a copy is *reviewed* when it has a sample tag, a field that is not the pipeline's (not in
+  :data:`PIPELINE_FIELDS`, not written by this run, not FiftyOne's own such as ``created_at``, not written by an
+  evaluation or brain run of the dataset) set to a value other than ``None`` or an empty list or dict, or a
+  pipeline label with label tags or attributes of its own (such as ``prediction["note"]``);
+* the kept copy is the earliest created reviewed copy, or the earliest created copy when none is reviewed (ties
+  by sample id); it keeps its id, tags, labels and fields;
+* into it go, from the other copies in order of creation: their sample tags and the label tags of their pipeline
+  labels (appended when new), label attributes and reviewer fields it does not have set (a value it has wins);
+* the other copies are deleted; the update then writes the pipeline's fresh values into the kept copy as usual.
+
 It runs the binary and segmentation evaluations on the current samples, saves the views ``false_positives``
 (highest score first), ``false_negatives`` (lowest first), ``worst_pixel_f1`` and ``removed``, and indexes the
 model's own embeddings for similarity search (no zoo model is downloaded). :func:`launch_review` serves the App on
@@ -43,6 +62,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
+from functools import cache
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -86,6 +107,7 @@ def _import_fiftyone() -> ModuleType:
 fo = _import_fiftyone()
 fob = importlib.import_module("fiftyone.brain")
 get_implied_field_kwargs = importlib.import_module("fiftyone.core.odm.utils").get_implied_field_kwargs
+get_default_sample_fields = importlib.import_module("fiftyone.core.sample").get_default_sample_fields
 F = fo.ViewField
 
 logger = logging.getLogger(__name__)
@@ -96,10 +118,12 @@ __all__ = [
     "PIPELINE_FIELDS",
     "SAVED_VIEWS",
     "build_review_dataset",
+    "canonical_path",
     "classification",
     "dataset_name",
     "delete_review_datasets",
     "launch_review",
+    "media_stem",
     "predict_dataset_name",
     "serve_review",
     "upsert_samples",
@@ -178,16 +202,31 @@ def classification(score: float, threshold: float) -> Any:
     return fo.Classification(label=label, confidence=score if label == "anomaly" else 1.0 - score)
 
 
-def media_stem(path: str | Path) -> str:
-    """A file name stem for an image's derived PNGs that stays the same across runs and orders.
+def canonical_path(path: str | os.PathLike[str]) -> str:
+    """The one spelling of an image file that keys review samples and names their derived PNGs.
+
+    ``~`` is expanded (as FiftyOne does with a sample's ``filepath``), then the path is made absolute against the
+    working directory with ``..`` and symlinks resolved (``Path.resolve``, not strict: the file need not exist).
 
     Args:
-        path: The image file.
+        path: The image file, relative or absolute.
 
     Returns:
-        ``"<folder>-<stem>-<8 hex digits of the path's hash>"``.
+        The absolute, resolved path as a string.
     """
-    path = Path(path)
+    return str(Path(path).expanduser().resolve())
+
+
+def media_stem(path: str | os.PathLike[str]) -> str:
+    """A file name stem for an image's derived PNGs that stays the same across runs, orders and path spellings.
+
+    Args:
+        path: The image file; hashed as its :func:`canonical_path`.
+
+    Returns:
+        ``"<folder>-<stem>-<8 hex digits of the canonical path's hash>"``.
+    """
+    path = Path(canonical_path(path))
     return f"{path.parent.name}-{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
@@ -201,15 +240,113 @@ def _update_label(current: Any, new: Any) -> Any:
     return current
 
 
-def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]:
-    """Add or update samples keyed by image file, model and category.
+def _key(filepath: str, model: Any, category: Any) -> tuple[str, str, str]:
+    """The upsert key of a sample or record: canonical image path, model and category."""
+    return canonical_path(filepath), str(model), str(category)
 
-    Only the fields of the records are written; tags, other fields and the tags and attributes of updated labels
-    stay as they are.
+
+@cache
+def _declared_attributes(label_type: type) -> frozenset[str]:
+    """The attributes every label of a type has (``id``, ``tags``, ``label``, ...), as opposed to added ones."""
+    return frozenset(label_type().field_names)
+
+
+def _is_set(value: Any) -> bool:
+    """Whether a field holds something: not ``None`` and not an empty list or dict."""
+    return value is not None and not (isinstance(value, list | dict) and not value)
+
+
+def _added_attributes(label: Any) -> list[str]:
+    """The attributes added to a label (by a reviewer), with a value."""
+    declared = _declared_attributes(type(label))
+    return [name for name in label.field_names if name not in declared and _is_set(label[name])]
+
+
+def _owned_fields(dataset: Any, records: Sequence[dict[str, Any]]) -> set[str]:
+    """The fields a run writes: the pipeline's, the records', FiftyOne's own and those of evaluations and brain runs."""
+    owned = {*PIPELINE_FIELDS, *get_default_sample_fields(), *(field for record in records for field in record)}
+    for key in dataset.list_evaluations():
+        owned.update(dataset.get_evaluation_info(key).config.build().get_fields(dataset, key))
+    for key in dataset.list_brain_runs():
+        owned.update(dataset.get_brain_info(key).config.build().get_fields(dataset, key))
+    return owned
+
+
+def _is_reviewed(sample: Any, owned: set[str]) -> bool:
+    """Whether a reviewer worked on a sample: sample tags, a field of their own, or label tags or attributes."""
+    if sample.tags:
+        return True
+    for name, value in sample.iter_fields():
+        if name in owned:
+            if isinstance(value, fo.Label) and (value.tags or _added_attributes(value)):
+                return True
+        elif _is_set(value):
+            return True
+    return False
+
+
+def _append_new(tags: list[str], more: Sequence[str]) -> None:
+    """Append the tags of ``more`` that ``tags`` does not have yet, in their order."""
+    for tag in more:
+        if tag not in tags:
+            tags.append(tag)
+
+
+def _merge_copy(kept: Any, other: Any, owned: set[str]) -> None:
+    """Move a reviewer's work from ``other`` into ``kept`` where ``kept`` has none of its own (not saved)."""
+    _append_new(kept.tags, other.tags)
+    defaults = set(get_default_sample_fields())
+    for name, value in other.iter_fields():
+        if name in defaults or not _is_set(value):
+            continue
+        current = kept[name] if kept.has_field(name) else None
+        if not _is_set(current):
+            if name not in owned or (isinstance(value, fo.Label) and (value.tags or _added_attributes(value))):
+                kept[name] = value
+        elif name in owned and isinstance(value, fo.Label) and type(current) is type(value):
+            _append_new(current.tags, value.tags)
+            for attribute in _added_attributes(value):
+                if not current.has_field(attribute) or not _is_set(current[attribute]):
+                    current[attribute] = value[attribute]
+
+
+def _merge_duplicates(dataset: Any, copies: Sequence[Sequence[str]], owned: set[str]) -> list[str]:
+    """Merge each group of samples of one key into one sample, as described in the module docstring.
 
     Args:
         dataset: The FiftyOne dataset.
-        records: Field values per sample; each has ``filepath``, ``model`` and ``category``.
+        copies: Per key, the ids of its samples, earliest created first.
+        owned: The fields a run writes (see :func:`_owned_fields`).
+
+    Returns:
+        The kept id of each group.
+    """
+    kept_ids, deleted = [], []
+    for ids in copies:
+        samples = [dataset[sample_id] for sample_id in ids]
+        kept = next((sample for sample in samples if _is_reviewed(sample, owned)), samples[0])
+        for other in samples:
+            if other.id != kept.id:
+                _merge_copy(kept, other, owned)
+                deleted.append(other.id)
+        kept.save()
+        kept_ids.append(kept.id)
+    dataset.delete_samples(deleted)
+    logger.info("%s: merged %d duplicate samples into %d", dataset.name, len(deleted), len(kept_ids))
+    return kept_ids
+
+
+def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]:
+    """Add or update samples keyed by image file (its :func:`canonical_path`), model and category.
+
+    Only the fields of the records are written, ``filepath`` as the canonical path; tags, other fields and the tags
+    and attributes of updated labels stay as they are. Samples of the dataset that share a key are merged first into
+    one, the reviewed copy (see the module docstring).
+
+    Args:
+        dataset: The FiftyOne dataset.
+        records: Field values per sample; each has ``filepath`` (relative to the working directory or absolute),
+            ``model`` and ``category``.
 
     Returns:
         The sample ids, in the order of the records.
@@ -217,7 +354,8 @@ def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]
     Raises:
         ValueError: Two records with the same key.
     """
-    keys = [tuple(str(record[field]) for field in KEY_FIELDS) for record in records]
+    records = [{**record, "filepath": canonical_path(record["filepath"])} for record in records]
+    keys = [_key(record["filepath"], record["model"], record["category"]) for record in records]
     if len(set(keys)) != len(keys):
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         msg = f"Each (image, model, category) may appear once; repeated: {duplicates[:3]}."
@@ -228,10 +366,18 @@ def upsert_samples(dataset: Any, records: Sequence[dict[str, Any]]) -> list[str]
             if field not in declared and value is not None:
                 dataset.add_sample_field(field, **get_implied_field_kwargs(value))
                 declared.add(field)
-    existing = {}
+    existing: dict[tuple[str, str, str], str] = {}
     if len(dataset):
-        filepaths, models, categories, ids = dataset.values([*KEY_FIELDS, "id"])
-        existing = {(f, m, c): i for f, m, c, i in zip(filepaths, models, categories, ids, strict=True)}
+        groups: dict[tuple[str, str, str], list[tuple[datetime, str]]] = {}
+        for *key_values, created, sample_id in zip(*dataset.values([*KEY_FIELDS, "created_at", "id"]), strict=True):
+            groups.setdefault(_key(*key_values), []).append((created or datetime.min, sample_id))
+        existing = {key: found[0][1] for key, found in groups.items() if len(found) == 1}
+        repeated = [key for key, found in groups.items() if len(found) > 1]
+        if repeated:
+            copies = [[sample_id for _, sample_id in sorted(groups[key])] for key in repeated]
+            existing.update(
+                zip(repeated, _merge_duplicates(dataset, copies, _owned_fields(dataset, records)), strict=True)
+            )
     updates = {existing[key]: record for key, record in zip(keys, records, strict=True) if key in existing}
     if updates:
         for sample in dataset.select(list(updates)).iter_samples(autosave=True):
@@ -259,7 +405,7 @@ def _pixel_f1(predicted: np.ndarray, truth: np.ndarray) -> float | None:
 
 
 def _record(saved: Any, index: int, model: str, category: str, thresholds: tuple[float, float], media: Path) -> dict:
-    path = str(saved["image_path"][index])
+    path = canonical_path(str(saved["image_path"][index]))
     image_threshold, pixel_threshold = thresholds
     score = float(saved["pred_score"][index])
     heat = saved["anomaly_map"][index].astype(np.float32)

@@ -11,7 +11,10 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-# FiftyOne reads its configuration at import: a private database for the test session, no tracking.
+# FiftyOne reads its configuration at import: a private database for the test session, no tracking. The
+# acceptance tests work on the user's own database (tests/test_acceptance.py), recorded here.
+if "FIFTYONE_DATABASE_DIR" in os.environ:
+    os.environ.setdefault("UAS_USER_FIFTYONE_DATABASE_DIR", os.environ["FIFTYONE_DATABASE_DIR"])
 os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="uas-fiftyone-")
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"

@@ -24,7 +24,16 @@ from PIL import Image
 
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import MetaUAS
-from anomalib_uas.review import SAVED_VIEWS, F, build_review_dataset, fo, launch_review, serve_review
+from anomalib_uas.review import (
+    SAVED_VIEWS,
+    F,
+    build_review_dataset,
+    canonical_path,
+    fo,
+    launch_review,
+    media_stem,
+    serve_review,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -300,3 +309,152 @@ def test_a_ctrl_c_while_the_app_starts_is_not_lost(review, monkeypatch: pytest.M
     assert signal.getsignal(signal.SIGINT) is handler
     _, alive = psutil.wait_procs([c for c in psutil.Process().children(recursive=True) if c.pid not in before], 2)
     assert not alive
+
+
+def test_canonical_path_and_media_stem_agree_across_spellings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "data" / "brick" / "test" / "crack" / "000.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"")
+    (tmp_path / "linked").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    spellings = [
+        "data/brick/test/crack/000.png",
+        str(image),
+        "data/brick/../brick/test/crack/000.png",
+        "linked/brick/test/crack/000.png",
+        str(tmp_path / "linked" / "brick" / "test" / "crack" / "000.png"),
+    ]
+    assert {canonical_path(path) for path in spellings} == {str(image.resolve())}
+    assert len({media_stem(path) for path in spellings}) == 1
+    assert media_stem(spellings[0]).startswith("crack-000-")
+
+
+def _respelled(saved: np.lib.npyio.NpzFile, path: Path, spell) -> Path:
+    """A copy of the predictions whose image paths are spelled differently."""
+    arrays = {key: saved[key] for key in saved.files}
+    arrays["image_path"] = np.array([spell(str(image)) for image in saved["image_path"]])
+    np.savez(path, **arrays)
+    return path
+
+
+def _false_positive(dataset) -> object:
+    """The normal sample with the highest score: a false positive at the median threshold of the normals."""
+    return dataset.match(F("ground_truth.label") == "normal").sort_by("anomaly_score", reverse=True).first()
+
+
+def _assert_one_reviewed_sample(dataset, reviewed, count: int) -> None:
+    """One sample per image, the reviewed one in the false positives, no removed sample."""
+    assert len(dataset) == count
+    filepaths = dataset.values("filepath")
+    assert len(set(filepaths)) == count
+    assert dataset.match(F("filepath") == reviewed.filepath).values("id") == [reviewed.id]
+    assert reviewed.removed is False
+    assert len(dataset.load_saved_view("removed")) == 0
+    false_positives = dataset.load_saved_view("false_positives")
+    assert reviewed.id in false_positives.values("id")
+    assert len(set(false_positives.values("filepath"))) == len(false_positives)
+
+
+def test_relative_absolute_and_symlinked_image_paths_are_one_sample(
+    evaluation: Path, demo_root: Path, demo_category: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dvc runs the stages from the repository root: the predictions hold paths relative to it
+    saved = np.load(evaluation)
+    root = demo_root.parent
+    monkeypatch.chdir(root)
+    relative = _respelled(saved, tmp_path / "relative.npz", lambda path: os.path.relpath(path, root))
+    assert not Path(str(np.load(relative)["image_path"][0])).is_absolute()
+    absolute = _respelled(saved, tmp_path / "absolute.npz", lambda path: str(Path(path).absolute()))
+    (tmp_path / "linked").symlink_to(root, target_is_directory=True)
+    linked = _respelled(
+        saved,
+        tmp_path / "linked.npz",
+        lambda path: str(tmp_path / "linked" / demo_root.name / ".." / os.path.relpath(path, root)),
+    )
+    assert all(Path(str(path)).is_file() for path in np.load(linked)["image_path"])
+    threshold = float(np.median(saved["pred_score"][saved["gt_label"] == 0]))
+    arguments = {"image_threshold": threshold, "pixel_threshold": 0.5, "media_dir": tmp_path / "media"}
+    count = len(saved["image_path"])
+    dataset = build_review_dataset("relpaths", demo_category, relative, rebuild=True, **arguments)
+    try:
+        marked = _false_positive(dataset)
+        assert Path(marked.filepath).is_absolute()
+        marked.tags.append("feedback:normal")
+        marked.prediction["note"] = "texture"
+        marked["comment"] = "not a defect"
+        marked.save()
+        heatmap = marked.anomaly_map.map_path
+
+        for predictions in (relative, absolute, linked):
+            dataset = build_review_dataset("relpaths", demo_category, predictions, **arguments)
+            marked.reload()
+            _assert_one_reviewed_sample(dataset, marked, count)
+            assert marked.tags == ["feedback:normal"]
+            assert marked.prediction["note"] == "texture"
+            assert marked.comment == "not a defect"
+            assert marked.filepath == canonical_path(marked.filepath)
+            assert marked.anomaly_map.map_path == heatmap  # the same PNG for every spelling
+            assert len(list((tmp_path / "media" / "map").iterdir())) == count
+    finally:
+        dataset.delete()
+
+
+@pytest.mark.parametrize("reviewed", ["original", "copy", "both"])
+def test_duplicates_left_by_earlier_versions_are_merged_into_the_reviewed_copy(
+    evaluation: Path, demo_category: str, tmp_path: Path, reviewed: str
+) -> None:
+    saved = np.load(evaluation)
+    threshold = float(np.median(saved["pred_score"][saved["gt_label"] == 0]))
+    arguments = {"image_threshold": threshold, "pixel_threshold": 0.5, "media_dir": tmp_path / "media"}
+    model = f"dupes-{reviewed}"
+    dataset = build_review_dataset(model, demo_category, evaluation, rebuild=True, **arguments)
+    try:
+        # the state the old bug left: every image twice, the first copy removed, a fresh untagged copy after it
+        copies = [
+            fo.Sample(
+                filepath=sample.filepath,
+                model=model,
+                category=demo_category,
+                anomaly_score=sample.anomaly_score,
+                ground_truth=fo.Classification(label=sample.ground_truth.label),
+                prediction=fo.Classification(label=sample.prediction.label, confidence=sample.prediction.confidence),
+                removed=False,
+            )
+            for sample in dataset
+        ]
+        originals = dataset.values("id")
+        original = _false_positive(dataset)
+        copy = dataset[dataset.add_samples(copies)[originals.index(original.id)]]
+        dataset.set_values("removed", dict.fromkeys(originals, True), key_field="id")
+        if reviewed in ("original", "both"):
+            original.tags.append("feedback:normal")
+            original.prediction["note"] = "texture"
+            original["comment"] = "not a defect"
+            original.save()
+        if reviewed in ("copy", "both"):
+            copy.tags.append("checked")
+            copy.prediction.tags.append("seen")
+            copy["second_look"] = "agreed"
+            copy.save()
+        assert len(dataset) == 2 * len(copies)
+        kept = copy if reviewed == "copy" else original
+
+        shifted = _subset(saved, np.ones(len(copies), dtype=bool), tmp_path / "shifted.npz", shift=0.01)
+        dataset = build_review_dataset(model, demo_category, shifted, **arguments)
+        kept.reload()
+        _assert_one_reviewed_sample(dataset, kept, len(copies))
+        index = list(saved["image_path"]).index(kept.filepath)
+        assert kept.anomaly_score == pytest.approx(float(saved["pred_score"][index]) + 0.01, abs=1e-6)
+        if reviewed in ("original", "both"):
+            assert "feedback:normal" in kept.tags
+            assert kept.prediction["note"] == "texture"
+            assert kept.comment == "not a defect"
+        if reviewed in ("copy", "both"):
+            assert "checked" in kept.tags
+            assert "seen" in kept.prediction.tags
+            assert kept.second_look == "agreed"
+        if reviewed == "both":
+            assert kept.tags == ["feedback:normal", "checked"]
+        assert dataset.match_tags(["feedback:normal", "checked"]).values("id") == [kept.id]
+    finally:
+        dataset.delete()

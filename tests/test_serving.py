@@ -43,7 +43,7 @@ from anomalib_uas.models.inctrl.checkpoint import to_official as inctrl_official
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.models.metauas.checkpoint import to_official as metauas_official
 from anomalib_uas.serving.pyfunc import load_servable
-from anomalib_uas.serving.runtime import check_graph
+from anomalib_uas.serving.runtime import GraphMismatchError, check_graph
 
 pytestmark = pytest.mark.slow
 
@@ -215,8 +215,8 @@ def test_a_graph_is_reused_only_for_the_same_files_and_settings(
     artifacts = {"checkpoint": str(servable.checkpoint), "prompts": str(tmp_path / "prompts")}
     module = load_servable(servable.config, artifacts)
     example = module.pre_processor.transform(read_image(registered["normal"][0]))
-    with pytest.raises(RuntimeError, match="differs from the eager model"):
-        check_graph(module.model, example, graph)
+    with pytest.raises(GraphMismatchError, match="differs from the eager model"):
+        check_graph(module.model, example.unsqueeze(0), graph)
 
 
 @pytest.mark.parametrize("model", ["metauas", "inctrl", "faprompt"])

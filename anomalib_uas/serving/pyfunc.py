@@ -57,7 +57,14 @@ from anomalib_uas.data.images import list_images, read_image
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.serving.decoding import RequestImages
 from anomalib_uas.serving.limits import MAX_PROMPTS, BadRequest, Limits
-from anomalib_uas.serving.runtime import EagerRunner, GraphRunner, MicroBatcher, check_graph, export_graph
+from anomalib_uas.serving.runtime import (
+    EagerRunner,
+    GraphDifference,
+    GraphRunner,
+    MicroBatcher,
+    check_graph,
+    export_graph,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,35 +135,40 @@ def load_servable(config: Mapping[str, Any], artifacts: Mapping[str, str]) -> An
 def export_servable(
     config: Mapping[str, Any],
     artifacts: Mapping[str, str],
-    example_image: Path,
+    images: Sequence[Path],
     folder: Path,
     earlier: Path | None = None,
-) -> bool:
-    """Export the graph a registered version serves: the model as :func:`load_servable` builds it.
+) -> tuple[bool, GraphDifference]:
+    """Export and check the graph a registered version serves: the model as :func:`load_servable` builds it.
 
     Args:
-        config: The registered config.
+        config: The registered config (its thresholds count the labels and mask pixels the graph changes).
         artifacts: Local paths of the version's other artifacts.
-        example_image: An image of the category, to trace and check the graph with.
+        images: Images of the category to trace and check the graph with (the first two trace it).
         folder: The graph folder to write.
         earlier: The graph of an earlier version registered from the same files and settings. It is copied
-            instead of exporting again when it reproduces this model's outputs on ``example_image``.
+            instead of exporting again when it passes the same check.
 
     Returns:
-        Whether ``earlier`` was reused; otherwise the graph was exported.
+        Whether ``earlier`` was reused (otherwise the graph was exported), and the graph's differences from the
+        eager model.
+
+    Raises:
+        GraphMismatchError: The exported graph does not reproduce the eager model (:func:`check_graph`).
     """
     module = load_servable(config, artifacts)
-    example = module.pre_processor.transform(read_image(example_image))
+    batch = torch.stack([module.pre_processor.transform(read_image(path)) for path in images])
+    thresholds = (config["image_threshold"], config["pixel_threshold"]) if "image_threshold" in config else None
     if earlier is not None:
         try:
-            check_graph(module.model, example, earlier)
+            difference = check_graph(module.model, batch, earlier, thresholds)
         except Exception as error:  # any unusable earlier graph (unreadable, other outputs) is exported anew
             logger.info("Exporting anew: the earlier graph %s does not serve this model (%s)", earlier, error)
         else:
             shutil.copytree(earlier, folder)
-            return True
-    export_graph(module.model, example, folder)
-    return False
+            return True, difference
+    export_graph(module.model, batch, folder)
+    return False, check_graph(module.model, batch, folder, thresholds)
 
 
 def _present(value: object) -> bool:

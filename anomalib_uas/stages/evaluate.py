@@ -261,6 +261,7 @@ def _evaluate(
                         prompt_paths=[Path(p) for p in row["prompt_paths"]],
                         config={"model": model, "category": category, "kwargs": kwargs, **found[category]},
                         example_image=Path(str(saved[category]["image_path"][0])),
+                        check_images=_check_images(saved[category]),
                     ),
                     per_category[category],
                     params.registry.champion_metric,
@@ -278,6 +279,13 @@ def _saved(path: Path, view: str, dataset: Path) -> dict[str, np.ndarray]:
         saved["image_path"] = np.array(mapped)
         np.savez_compressed(path, **saved)
     return saved
+
+
+def _check_images(saved: dict[str, np.ndarray], per_label: int = 2) -> tuple[Path, ...]:
+    """Test images the exported graph is checked on besides the first: the first normal and defective ones."""
+    paths, labels = saved["image_path"], saved["gt_label"]
+    chosen = [index for label in (0, 1) for index in np.flatnonzero(labels == label)[:per_label] if index != 0]
+    return tuple(Path(str(paths[index])) for index in chosen)
 
 
 def _thresholds(saved: dict[str, np.ndarray], scores: dict[str, list[float]], target_fpr: float) -> dict[str, Any]:

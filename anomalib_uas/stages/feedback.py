@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from anomalib_uas.database import connect_database
 from anomalib_uas.params import load_params
 from anomalib_uas.stages import run_stage
 
@@ -38,6 +39,7 @@ def main(params_file: Path, output: Path) -> dict[str, dict[str, int]]:
     from anomalib_uas.review import dataset_name, fo, predict_dataset_name
 
     params = load_params(params_file)
+    connect_database()
     categories = params.data.categories
     names = [dataset_name(model, category) for model in params.models for category in categories]
     names += [predict_dataset_name(category) for category in categories]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from anomalib_uas.data.images import read_image
+from anomalib_uas.database import connect_database
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.params import load_params
 from anomalib_uas.stages import run_stage
@@ -50,6 +51,7 @@ def main(
     from anomalib_uas.review import F, build_review_dataset
 
     params = load_params(params_file)
+    connect_database()
     counts: dict[str, Any] = {}
     media.mkdir(parents=True, exist_ok=True)  # rewritten in place: the datasets point at these files
     with replacing(summary) as (summary_out,):
