@@ -230,11 +230,11 @@ def test_false_positives_marked_normal_leave_the_false_positive_count(
         from anomalib_uas.feedback import NORMAL_TAG
         view = fo.load_dataset("uas-metauas-{marked}").load_saved_view("false_positives")
         view.tag_samples(NORMAL_TAG)
-        result = len(view)
+        result = view.values("filepath")
         """,
         env,
     )
-    assert tagged == alarms
+    assert len(tagged) == alarms
     ran = stages_run(run_command(["dvc", "repro"], REPO, env))
     assert {"feedback", "evaluate@metauas", "report", "review"} <= ran
     assert not {"data", "weights@metauas"} & ran
@@ -242,14 +242,22 @@ def test_false_positives_marked_normal_leave_the_false_positive_count(
     assert after["evaluated"] == [marked]
     assert after["feedback"][marked] == {"normal": alarms, "hard": 0}
     assert after["thresholds"][marked]["previous_test_FP"] == alarms
-    assert after["thresholds"][marked]["test_FP"] < alarms
-    remaining = _fiftyone(
+    assert after["thresholds"][marked]["held_out_normals"] == before[marked]["held_out_normals"] + alarms
+    # the marked images are normals of the threshold now, out of the test set and out of the false positives; the
+    # feedback normals also join the prompt pool, so the other test images are scored anew
+    saved = np.load(REPO / "predictions" / "metauas" / marked / "predictions.npz")
+    tested = {str((REPO / str(path)).resolve()) for path in saved["image_path"]}
+    assert not tested & set(tagged)
+    state = _fiftyone(
         f"""
         dataset = fo.load_dataset("uas-metauas-{marked}")
-        result = len(dataset.load_saved_view("false_positives"))
+        result = {{"false_positives": dataset.load_saved_view("false_positives").values("filepath"),
+                   "removed": dataset.load_saved_view("removed").values("filepath")}}
         """,
         env,
     )
-    assert remaining == after["thresholds"][marked]["test_FP"]
+    assert not set(state["false_positives"]) & set(tagged)
+    assert set(tagged) <= set(state["removed"])
+    assert len(state["false_positives"]) == after["thresholds"][marked]["test_FP"]
     _assert_reviewed_once(_reviewed_copies(reviewed["dataset"], reviewed["filepath"], env), reviewed["count"])
     assert stages_run(run_command(["dvc", "repro"], REPO, env)) == {"feedback"}
