@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", help="A logged model instead: models:/ or runs:/ URI, or MLflow model folder.")
     predict.add_argument("--output", type=Path, help="Output folder (predict/<category>/<folder name>).")
     predict.add_argument("--review", action="store_true", help="Add the results to the FiftyOne dataset uas-predict-C.")
+    predict.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=limits.DEFAULT_MAX_MEGAPIXELS,
+        help="Larger images are skipped with their reason in the table (%(default)s).",
+    )
     serve = commands.add_parser("serve", help="Serve a category's champion model over REST (MLflow's scoring server).")
     serve.add_argument("category", help="Category whose registered model `anomalib-uas-<category>@champion` is served.")
     serve.add_argument("--host", default="127.0.0.1", help="Interface to listen on (%(default)s).")
-    serve.add_argument("--port", type=int, default=5055, help="Port (%(default)s).")
+    serve.add_argument("--port", type=int, default=5055, help="Port, 1 to 65535 (%(default)s).")
     serve.add_argument("--model", choices=MODEL_NAMES, help="Serve this model's best version (alias champion-<model>).")
     serve.add_argument(
         "--max-body-mb", type=float, default=limits.DEFAULT_MAX_BODY_MB, help="Larger bodies get 413 (%(default)s)."
@@ -105,16 +112,72 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=limits.DEFAULT_TIMEOUT_S, help="Seconds per request, then 504 (%(default)s)."
     )
     serve.add_argument(
+        "--body-grace",
+        type=float,
+        default=limits.DEFAULT_BODY_GRACE_S,
+        help="Seconds a request body may take before --min-body-rate applies (%(default)s).",
+    )
+    serve.add_argument(
+        "--min-body-rate",
+        type=float,
+        default=limits.DEFAULT_MIN_BODY_KB_PER_S,
+        help="kB/s a request body must keep arriving at after --body-grace, or 408 (%(default)s).",
+    )
+    serve.add_argument(
         "--image-root", type=Path, help="Folder whose images requests may name by image_path (default: none may)."
     )
     return parser
 
 
+def _serve_limits(args: argparse.Namespace) -> limits.Limits:
+    """Check ``uas serve``'s port and build the request bounds of its options.
+
+    Args:
+        args: The parsed ``uas serve`` options.
+
+    Returns:
+        The bounds.
+
+    Raises:
+        ValueError: A port outside 1-65535, a bound that is not a finite positive number, or an image root that
+            is not a folder.
+    """
+    if not 1 <= args.port <= 65535:
+        msg = f"--port must be 1 to 65535, got {args.port}."
+        raise ValueError(msg)
+    bounds = {
+        "--max-body-mb": args.max_body_mb,
+        "--max-rows": args.max_rows,
+        "--max-megapixels": args.max_megapixels,
+        "--max-in-flight": args.max_in_flight,
+        "--timeout": args.timeout,
+        "--body-grace": args.body_grace,
+        "--min-body-rate": args.min_body_rate,
+    }
+    for option, value in bounds.items():
+        if not (math.isfinite(value) and value > 0):
+            msg = f"{option} must be a finite number above 0, got {value}."
+            raise ValueError(msg)
+    if args.image_root is not None and not args.image_root.is_dir():
+        msg = f"--image-root {args.image_root} is not a folder; give the folder whose images requests may name."
+        raise ValueError(msg)
+    return limits.Limits(
+        max_body_bytes=int(args.max_body_mb * 1_000_000),
+        max_rows=args.max_rows,
+        max_megapixels=args.max_megapixels,
+        max_in_flight=args.max_in_flight,
+        timeout_s=args.timeout,
+        image_root=args.image_root,
+        body_grace_s=args.body_grace,
+        min_body_rate=args.min_body_rate * 1000,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
+    bounds = _serve_limits(args)  # bad options fail before the slow imports
     import mlflow
 
     from anomalib_uas import registry, tracking
-    from anomalib_uas.serving import Limits
     from anomalib_uas.serving.http import serve
 
     mlflow.set_tracking_uri(tracking.tracking_uri())  # resolves models:/<name>@<alias>
@@ -127,17 +190,6 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.image_root is not None and not args.image_root.is_dir():
-        msg = f"--image-root {args.image_root} is not a folder; give the folder whose images requests may name."
-        raise ValueError(msg)
-    bounds = Limits(
-        max_body_bytes=int(args.max_body_mb * 1_000_000),
-        max_rows=args.max_rows,
-        max_megapixels=args.max_megapixels,
-        max_in_flight=args.max_in_flight,
-        timeout_s=args.timeout,
-        image_root=args.image_root,
-    )
     uri = f"models:/{name}@{alias}"
     print(f"Serving {uri} on http://{args.host}:{args.port}/invocations")
     serve(uri, host=args.host, port=args.port, limits=bounds)
@@ -145,13 +197,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
+        msg = f"--max-megapixels must be a finite number above 0, got {args.max_megapixels}."
+        raise ValueError(msg)
     from anomalib_uas.predict import predict_folder
 
     if args.review:
         from anomalib_uas.database import connect_database
 
         connect_database()  # before scoring: a database that does not come up fails now, not after the work
-    result = predict_folder(args.folder, args.category, args.model, args.checkpoint, args.output, args.review)
+    result = predict_folder(
+        args.folder, args.category, args.model, args.checkpoint, args.output, args.review, args.max_megapixels
+    )
     print(f"{result.images} images scored with {result.model_uri}: {result.flagged} flagged, {result.errors} errors")
     print(f"Table: {result.csv}; contact sheet: {result.html}")
     return 0

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "MAX_IMAGE_SIZE",
     "METRICS",
     "MODEL_NAMES",
     "DataParams",
@@ -46,6 +47,9 @@ METRICS = (
 )
 MetricName = Literal[METRICS]
 PositiveInt = Annotated[int, Field(ge=1)]
+# Largest image side of any stage: a 1024 px batch of 8 already needs several GB in the MetaUAS decoder, and 4096 px
+# sixteen times that; the official models run at 240-518 px.
+MAX_IMAGE_SIZE = 1024
 Category = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
@@ -73,7 +77,7 @@ class DataParams(_Section):
 
     dataset: Literal["demo", "mvtec", "visa", "folder"]
     categories: Annotated[list[Category], Field(min_length=1)]
-    image_size: Annotated[int, Field(ge=32)] = 256
+    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE)] = 256
     seed: int = 0
     source: str = "datasets/MVTecAD"
     folder: FolderData | None = None
@@ -99,7 +103,7 @@ class ClipConfig(_Section):
 
     clip_model: str | None = None  # None: the model's official backbone
     clip_weights: str | None = None  # None: the release file under weights/<model>/ or the weights cache
-    image_size: Annotated[int, Field(ge=14, multiple_of=14)] | None = None
+    image_size: Annotated[int, Field(ge=14, le=MAX_IMAGE_SIZE, multiple_of=14)] | None = None
 
 
 class ModelsConfig(_Section):
@@ -150,7 +154,7 @@ class MetaUASTraining(_Section):
     backbone: str = "efficientnet_lite0"
     fusion: Literal["cat", "add", "absdiff"] = "absdiff"
     decoder_channels: Annotated[list[PositiveInt], Field(min_length=5, max_length=5)] = [128, 64, 32, 16, 16]
-    image_size: Annotated[int, Field(ge=32, multiple_of=32)] = 128
+    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)] = 128
     max_steps: PositiveInt = 1500
     batch_size: PositiveInt = 8
     num_pairs: PositiveInt = 12000
@@ -191,7 +195,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     """``evaluate``: how every model is tested on every category."""
 
-    image_size: Annotated[int, Field(ge=32, multiple_of=32)] = 256
+    image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)] = 256
     k_shot: Annotated[int, Field(ge=1, le=8)] = 1
     prompt_strategy: Literal["random", "retrieval", "pool"] = "random"
     prompt_source: str | None = None

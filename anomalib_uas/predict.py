@@ -2,11 +2,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Inspect a folder of images with a registered model: scores, masks, heatmaps and a contact sheet.
 
-:func:`predict_folder` (``uas predict FOLDER --category C``) scores every image of a folder (recursively) with the
-category's registered ``champion`` (``champion-<model>`` with ``model``), or with another logged model given as a
-URI or an MLflow model folder. The model is loaded by MLflow exactly as ``uas serve`` loads it (the
-:class:`~anomalib_uas.serving.UASPyfuncModel`), with its registered image threshold and prompt images. It writes
-into the output folder:
+:func:`predict_folder` (``uas predict FOLDER --category C``) scores every image of a folder (recursively; hidden
+files and the output folders of earlier runs are skipped) with the category's registered ``champion``
+(``champion-<model>`` with ``model``), or with another logged model given as a URI or an MLflow model folder. The
+model is loaded by MLflow exactly as ``uas serve`` loads it (the :class:`~anomalib_uas.serving.UASPyfuncModel`),
+with its registered image threshold and prompt images. It writes into the output folder (by default
+``predict/<category>/<folder name>``, never inside the scanned folder; it holds a ``.uas-predict`` marker, so a
+later run over a folder that contains it never scores its masks and heatmaps):
 
 * ``predictions.csv``: ``path``, ``score`` (raw), ``label`` (``anomaly`` / ``normal``), ``threshold`` (the raw-score
   threshold used), ``mask`` and ``heatmap`` (PNG paths, relative to the output folder) and ``error`` (why an image
@@ -39,20 +41,23 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
 from PIL import Image
 from tqdm import tqdm
 
 from anomalib_uas import registry, tracking
 from anomalib_uas.data.images import list_images
+from anomalib_uas.serving.decoding import RequestImages
+from anomalib_uas.serving.limits import DEFAULT_MAX_MEGAPIXELS, BadRequest, Limits
+from anomalib_uas.serving.pyfunc import UASPyfuncModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLUMNS", "Inspection", "load_scorer", "predict_folder"]
+__all__ = ["COLUMNS", "OUTPUT_MARKER", "Inspection", "default_output", "load_scorer", "predict_folder"]
 
 COLUMNS = ("path", "score", "label", "threshold", "mask", "heatmap", "error")
 THUMBNAIL = 192
+OUTPUT_MARKER = ".uas-predict"  # in every output folder: its images are never scored again
 _MODEL_URI = re.compile(r"^(models|runs):/")
 _HOT = np.array([[0, 0, 0], [180, 0, 0], [255, 140, 0], [255, 255, 80], [255, 255, 255]], dtype=np.float32)
 
@@ -127,6 +132,37 @@ def load_scorer(category: str, model: str | None = None, checkpoint: str | None 
     return scorer, uri
 
 
+def default_output(folder: Path, category: str) -> Path:
+    """The output folder when none is given: ``predict/<category>/<folder name>``, never inside the folder.
+
+    Under the working directory, or under the folder's parent when the working directory is inside the folder
+    (``uas predict .``).
+
+    Args:
+        folder: The scanned folder (or image).
+        category: The category.
+
+    Returns:
+        The output folder.
+    """
+    source = folder.resolve()
+    output = Path("predict") / category / source.name
+    if output.resolve().is_relative_to(source):
+        output = source.parent / "predict" / category / source.name
+    return output
+
+
+def _inputs(folder: Path) -> list[Path]:
+    """The images to score: every image of the folder except those in a folder that ``uas predict`` wrote."""
+    images = list_images(folder)
+    written = {marker.parent for marker in folder.rglob(OUTPUT_MARKER)} if folder.is_dir() else set()
+    kept = [path for path in images if not written.intersection(path.parents)]
+    if not kept:
+        msg = f"{folder} holds no image besides the outputs of earlier `uas predict` runs."
+        raise ValueError(msg)
+    return kept
+
+
 def _output_names(paths: list[Path], folder: Path) -> list[Path]:
     """PNG names mirroring the folder layout; images that share a stem keep their extension in the name."""
     relative = [path.relative_to(folder) if folder.is_dir() else Path(path.name) for path in paths]
@@ -173,11 +209,13 @@ def _contact_sheet(rows: list[dict[str, Any]], output: Path, title: str) -> str:
     )
 
 
-def _score(scorer: Any, path: Path, names: tuple[Path, Path], output: Path, threshold: float) -> dict[str, Any]:
+def _score(
+    scorer: UASPyfuncModel, images: RequestImages, path: Path, names: tuple[Path, Path], output: Path, threshold: float
+) -> dict[str, Any]:
     row = {"path": str(path), "score": "", "label": "", "threshold": threshold, "mask": "", "heatmap": "", "error": ""}
     try:
-        result = scorer.predict(pd.DataFrame({"image_path": [str(path)]}), params={"map_format": "png"}).iloc[0]
-    except MlflowException as exc:
+        (result,) = scorer.score([{"image_path": str(path)}], "png", images)
+    except BadRequest as exc:
         row["error"] = exc.message.splitlines()[0]
         logger.warning("Skipping %s: %s", path, row["error"])
         return row
@@ -225,6 +263,7 @@ def predict_folder(
     checkpoint: str | None = None,
     output: str | Path | None = None,
     review: bool = False,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
 ) -> Inspection:
     """Score every image of a folder and write the table, the maps and the contact sheet.
 
@@ -233,8 +272,10 @@ def predict_folder(
         category: Category whose registered model scores them.
         model: Use this model's best version (``champion-<model>``) instead of the champion.
         checkpoint: Another logged model: a ``models:/`` or ``runs:/`` URI, or an MLflow model folder.
-        output: Output folder; ``predict/<category>/<folder name>`` by default.
+        output: Output folder; :func:`default_output` by default (never inside ``folder``).
         review: Also add the results to the FiftyOne dataset ``uas-predict-<category>``.
+        max_megapixels: Largest image scored (larger ones get their reason in ``error``; every image is decoded
+            reduced to about twice the model's input side, so this bounds the encoded size read, not the work).
 
     Returns:
         What was written.
@@ -244,15 +285,20 @@ def predict_folder(
         ValueError: No image in the folder, or no such model.
     """
     folder = Path(folder)
-    images = list_images(folder)
+    images = _inputs(folder)
     scorer, uri = load_scorer(category, model, checkpoint)
-    config = scorer.unwrap_python_model().config
+    python_model = scorer.unwrap_python_model()
+    config = python_model.config
     threshold = float(config["image_threshold"])
-    output = Path(output) if output is not None else Path("predict") / category / folder.resolve().name
+    reader = RequestImages(
+        Limits(max_rows=None, max_megapixels=max_megapixels), python_model.min_side, image_root=None, trusted=True
+    )
+    output = Path(output) if output is not None else default_output(folder, category)
     output.mkdir(parents=True, exist_ok=True)
+    (output / OUTPUT_MARKER).write_text(f"Written by uas predict ({uri}); uas predict never scores this folder.\n")
     names = _output_names(images, folder)
     rows = [
-        _score(scorer, path, (Path("masks") / name, Path("heatmaps") / name), output, threshold)
+        _score(python_model, reader, path, (Path("masks") / name, Path("heatmaps") / name), output, threshold)
         for path, name in tqdm(list(zip(images, names, strict=True)), desc=f"uas predict {category}", unit="img")
     ]
     table = output / "predictions.csv"

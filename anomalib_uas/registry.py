@@ -6,7 +6,7 @@
 the exported ONNX graph it serves, and registers it as a version of ``anomalib-uas-<category>``;
 :func:`update_champion` keeps the aliases ``champion`` (best version over all models) and ``champion-<model>`` (each
 model's best) on a chosen metric. An alias moves only to a version whose metric is finite and strictly better than
-the current holder's.
+the current holder's; a version whose metric tag is not a number (edited by hand) is skipped with a warning.
 
 Example:
     >>> from anomalib_uas.registry import registered_name
@@ -142,7 +142,8 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
     ``uas.graph_from``). A graph that fails the check is not stored: the version serves the eager model, which is
     the reference the graph is checked against, slower but exact; tag ``uas.runtime`` says which runtime serves a
     version and ``uas.graph_check`` what the check measured or why it failed, and a warning names model,
-    category, output and difference.
+    category, output and difference. The version's config records the sha256 of the graph's files, which loading
+    checks (:func:`~anomalib_uas.serving.pyfunc.open_graph`).
 
     Args:
         servable: The model and its files.
@@ -159,18 +160,18 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
         msg = f"registry.champion_metric {champion_metric!r} is not among the metrics {sorted(metrics)}: fix it"
         raise ValueError(msg)
     from anomalib_uas.models import get_spec
-    from anomalib_uas.serving.pyfunc import SIGNATURE, UASPyfuncModel, export_servable
-    from anomalib_uas.serving.runtime import GraphMismatchError
+    from anomalib_uas.serving.pyfunc import GRAPH_DIGESTS, SIGNATURE, UASPyfuncModel, export_servable
+    from anomalib_uas.serving.runtime import GraphMismatchError, graph_digests
 
     if get_spec(servable.model).takes_prompts and not servable.prompt_paths:
         msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
         raise ValueError(msg)
     name = registered_name(servable.category)
     tags = {"uas.model": servable.model}
+    config = dict(servable.config)
     with tempfile.TemporaryDirectory() as folder:
         staging = Path(folder)
-        (staging / "config.json").write_text(json.dumps(servable.config, indent=2))
-        artifacts = {"checkpoint": str(servable.checkpoint), "config": str(staging / "config.json")}
+        artifacts = {"checkpoint": str(servable.checkpoint)}
         if servable.prompt_paths:
             (staging / "prompts").mkdir()
             for index, path in enumerate(servable.prompt_paths):
@@ -189,9 +190,12 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
             tags.update({RUNTIME_TAG: "eager", GRAPH_CHECK_TAG: f"failed: {error}"})
         else:
             artifacts["graph"] = str(graph)
+            config[GRAPH_DIGESTS] = graph_digests(graph)
             tags.update({RUNTIME_TAG: "onnx", GRAPH_CHECK_TAG: difference.describe()})
             if reused:
                 tags[GRAPH_FROM_TAG] = earlier_version
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        artifacts["config"] = str(staging / "config.json")
         info = mlflow.pyfunc.log_model(
             name=f"{servable.model}-{servable.category}",
             python_model=UASPyfuncModel(),
@@ -223,7 +227,9 @@ def update_champion(name: str, metric: str) -> str | None:
     """Move ``champion`` and each ``champion-<model>`` to a better version, if there is one.
 
     An alias moves only to a version whose ``metric`` tag is finite and strictly higher than that of the version the
-    alias points at (ties keep the current holder); a version with a non-finite metric never holds an alias.
+    alias points at (ties keep the current holder); a version with a non-finite metric never holds an alias. A tag
+    that is not a number (edited in the MLflow UI) counts as no metric, with a warning naming the version and the
+    tag: until the tag is fixed the version takes no alias, and one it holds goes to any version with a metric.
 
     Args:
         name: Registered-model name.
@@ -235,7 +241,7 @@ def update_champion(name: str, metric: str) -> str | None:
     client = mlflow.MlflowClient()
     scored = {}
     for version in client.search_model_versions(f"name='{name}'"):
-        value = float(version.tags.get(metric, "nan"))
+        value = _metric(version, metric)
         if math.isfinite(value):
             scored[version.version] = (value, version.tags.get("uas.model"))
     models = sorted({model for _, model in scored.values() if model})
@@ -254,6 +260,22 @@ def update_champion(name: str, metric: str) -> str | None:
         if alias == "champion":
             champion = current
     return champion
+
+
+def _metric(version: ModelVersion, metric: str) -> float:
+    """A version's metric tag as a number; NaN when it is missing or, with a warning, not a number."""
+    text = version.tags.get(metric, "nan")
+    try:
+        return float(text)
+    except ValueError:
+        logger.warning(
+            "Version %s of %s has %s tag %r, which is not a number: it cannot become champion until the tag is fixed",
+            version.version,
+            version.name,
+            metric,
+            text,
+        )
+        return math.nan
 
 
 def version_of(name: str, alias: str) -> str | None:

@@ -47,6 +47,8 @@ def test_the_project_params_are_valid() -> None:
         ("data", "dataset", "mvtecad", "'demo', 'mvtec', 'visa' or 'folder'"),
         ("registry", "champion_metric", "pixel_aupro", "'pixel_AUPRO'"),
         ("evaluate", "image_size", 250, "multiple of 32"),
+        ("evaluate", "image_size", 4096, "less than or equal to 1024"),
+        ("data", "image_size", 4096, "less than or equal to 1024"),
         ("data", "categories", [], "at least 1 item"),
         ("data", "categories", ["brick", "brick"], "must not repeat"),
         ("data", "categories", ["../etc"], "data.categories.0"),

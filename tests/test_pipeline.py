@@ -31,14 +31,22 @@ def _tiny(params: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+def first_repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
+    """The repository after its first `dvc repro`, and that run's output."""
     root = tmp_path_factory.mktemp("project")
-    return root, make_repo(root, _tiny)
+    env = make_repo(root, _tiny)
+    return root, env, run_command(["dvc", "repro"], root, env)
 
 
-def test_repro_evaluates_skips_and_reports(project: tuple[Path, dict[str, str]]) -> None:
-    root, env = project
-    output = run_command(["dvc", "repro"], root, env)
+@pytest.fixture
+def project(first_repro: tuple[Path, dict[str, str], str]) -> tuple[Path, dict[str, str]]:
+    """The reproduced repository: every test leaves it reproduced (a test that changes it puts it back)."""
+    root, env, _ = first_repro
+    return root, env
+
+
+def test_repro_evaluates_skips_and_reports(first_repro: tuple[Path, dict[str, str], str]) -> None:
+    root, env, output = first_repro
     assert {"data", "weights@metauas", "evaluate@metauas", "report", "review"} <= stages_run(output)
     metrics = json.loads((root / "reports" / "metauas" / "metrics.json").read_text())
     assert metrics["skipped"] == 0
@@ -147,7 +155,6 @@ def test_bad_input_is_one_line_and_loses_nothing(
 ) -> None:
     root, env = project
     original = (root / "params.yaml").read_text()
-    run_command(["dvc", "repro"], root, env)
     before = _snapshot(root)
     params = yaml.safe_load(original)
     _set(params, key, value)
@@ -187,7 +194,6 @@ def test_a_trained_checkpoint_as_weights_source_needs_no_architecture(
     project: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     root, env = project
-    run_command(["dvc", "repro"], root, env)
     checkpoints = root / "checkpoints" / "metauas"
     trained = tmp_path / "trained-metauas.pth"
     shutil.copy(checkpoints / "metauas.pth", trained)
@@ -213,7 +219,6 @@ def test_unreadable_params_fail_every_stage_cleanly(
 ) -> None:
     root, env = project
     original = (root / "params.yaml").read_text()
-    run_command(["dvc", "repro"], root, env)
     before = _snapshot(root)
     (root / "params.yaml").write_text(text)
     try:
@@ -239,7 +244,6 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(
     from anomalib_uas.review import F, fo
 
     root, env = project
-    run_command(["dvc", "repro"], root, env)
     evaluation = root / "predictions" / "metauas" / "evaluation.json"
     before = json.loads(evaluation.read_text())["thresholds"]
     # the category with more false alarms gets the feedback, the other one none
@@ -287,7 +291,6 @@ def _assert_feedback_is_used(root: Path, env: dict[str, str], before: dict[str, 
 
 def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     root, env = project
-    run_command(["dvc", "repro"], root, env)
     remote = tmp_path / "store"
     run_command(["dvc", "remote", "add", "-d", "-f", "local", str(remote)], root, env)
     run_command(["dvc", "push"], root, env)

@@ -160,6 +160,37 @@ def test_predict_with_another_logged_model(registered: dict, demo_category: str,
     assert {float(row["threshold"]) for row in rows} == {0.5}
 
 
+def test_predict_dot_never_scores_its_own_outputs_or_hidden_files(
+    registered: dict, demo_category: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for path in sorted(registered["folder"].glob("*/*.png"))[:3]:
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    monkeypatch.chdir(folder)
+    before = sorted(path.name for path in folder.iterdir())
+    for _ in range(2):
+        result = predict_folder(".", demo_category)
+        assert (result.images, result.errors) == (3, 0)
+    assert result.csv == tmp_path / "predict" / demo_category / "incoming" / "predictions.csv"
+    assert sorted(path.name for path in folder.iterdir()) == before
+    inside = predict_folder(".", demo_category, output=Path("review"))  # asked for: written, never scored
+    assert inside.images == 3
+    assert (folder / "review" / ".uas-predict").is_file()
+    assert predict_folder(".", demo_category).images == 3
+
+
+def test_an_image_over_the_predict_bound_names_the_predict_option(
+    registered: dict, demo_category: str, tmp_path: Path
+) -> None:
+    result = predict_folder(registered["folder"], demo_category, output=tmp_path, max_megapixels=0.001)
+    rows = _rows(result.csv)
+    assert result.errors == len(rows) > 0
+    images = [row for row in rows if not row["path"].endswith("broken.png")]
+    assert all("the limit per row in process (uas predict --max-megapixels)" in row["error"] for row in images)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -168,6 +199,7 @@ def test_predict_with_another_logged_model(registered: dict, demo_category: str,
         (["{root}/incoming", "--category", "unknown"], "No registered model anomalib-uas-unknown@champion"),
         (["{root}/incoming", "--category", "{category}", "--model", "inctrl"], "@champion-inctrl"),
         (["{root}/incoming", "--category", "{category}", "--checkpoint", "{root}"], "neither a model URI"),
+        (["{root}/incoming", "--category", "{category}", "--max-megapixels", "nan"], "--max-megapixels must be"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

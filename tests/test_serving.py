@@ -16,6 +16,7 @@ import http.client
 import io
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from anomalib_uas import registry, tracking
+from anomalib_uas.cli import main
 from anomalib_uas.data.images import read_image
 from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
 from anomalib_uas.models.inctrl.checkpoint import to_official as inctrl_official
@@ -404,7 +406,11 @@ PNG = _b64(_encoded(np.zeros((8, 8, 3), np.uint8)))
 MALFORMED = {
     "not json": (b"{not json", "application/json", 400, "not valid JSON"),
     "not utf-8": (b"\xff\xfe{}", "application/json", 400, "not valid JSON"),
-    "deeply nested": (b"[" * 50_000 + b"]" * 50_000, "application/json", 400, "nested too deeply"),
+    # RecursionError on Python 3.11 (400 "nested too deeply"), a list on versions with a deeper C recursion limit
+    "deeply nested": (b"[" * 1100 + b"]" * 1100, "application/json", 400, "dataframe_split"),
+    "structure beyond the rows": (b"[" * 50_000 + b"]" * 50_000, "application/json", 413, "(uas serve --max-rows)"),
+    "long integer": (_split(["image"], [[0]]).replace(b"0", b"9" * 5000), "application/json", 400, "5000 characters"),
+    "long float": (_split(["image"], [[0]]).replace(b"0", b"0." + b"1" * 5000), "application/json", 400, "5002 char"),
     "csv": (b"image\naGVsbG8=\n", "application/csv", 415, "Content-Type: application/json"),
     "no format": (json.dumps({"inputs": [PNG]}).encode(), "application/json", 400, "dataframe_split"),
     "not an image": (_split(["image"], [["aGVsbG8="]]), "application/json", 400, "accepted format"),
@@ -521,6 +527,7 @@ def test_image_path_only_under_the_root_with_one_answer_for_every_refusal(
         "missing.png",
         "folder",
         str(image_root / ".." / "outside.png"),
+        "good.png\x00.txt",  # a NUL byte
     ]
     answers = []
     for path in refused:
@@ -535,31 +542,134 @@ def test_image_path_only_under_the_root_with_one_answer_for_every_refusal(
         assert "send the image itself" in answer["message"]
 
 
-def _held_request(port: int) -> socket.socket:
-    """A request whose body never finishes: it stays in flight until the client leaves."""
+def _raw_request(port: int, length: int = 1000, sent: bytes = b"{") -> socket.socket:
+    """A request on a raw connection: the headers of a ``length``-byte body and ``sent`` of it."""
     held = socket.create_connection(("127.0.0.1", port), timeout=30)
     held.sendall(
-        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {length}\r\n\r\n".encode()
+        + sent
     )
     return held
 
 
+def _raw_answer(connection: socket.socket) -> bytes:
+    """The status line, headers and JSON body a server sends on a raw connection (until its closing brace)."""
+    answer = b""
+    while b"}" not in answer and (chunk := connection.recv(4096)):
+        answer += chunk
+    return answer
+
+
+def _slow_payload() -> bytes:
+    """64 rows of 2 MP gradient PNGs (0.8 MB): seconds to decode."""
+    gradient = np.linspace(0, 255, 2000 * 1000, dtype=np.float32).reshape(1000, 2000).astype(np.uint8)
+    return _payload([_encoded(np.dstack([gradient] * 3))] * 64, map_format="none")
+
+
+GRACE_S = 3
+
+
+@pytest.fixture(scope="module")
+def guarded_server(registered: dict, demo_category: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``uas serve CATEGORY`` with one slot, room for the slow payload and a short body grace."""
+    folder = tmp_path_factory.mktemp("guarded-serve")
+    options = ["--max-in-flight", "1", "--max-rows", "64", "--max-megapixels", "300", "--max-body-mb", "16"]
+    process = Server(registered, demo_category, folder, *options, "--body-grace", str(GRACE_S))
+    yield process
+    process.stop()
+
+
 def test_requests_beyond_the_in_flight_limit_get_503_with_retry_after(
-    server: int, demo_root: Path, demo_category: str
+    guarded_server: Server, demo_root: Path, demo_category: str
 ) -> None:
-    payload = _payload([_queries(demo_root, demo_category)[0].read_bytes()], map_format="none")
-    held = [_held_request(server), _held_request(server)]
-    time.sleep(0.5)
-    status, answer, headers = _post(server, payload)
-    assert status == 503
+    port = guarded_server.port
+    small = _payload([_queries(demo_root, demo_category)[0].read_bytes()], map_format="none")
+    payload = _slow_payload()
+    slow = _raw_request(port, len(payload), payload)
+    time.sleep(0.5)  # its body has arrived: it holds the only slot while it is scored
+    refused = None
+    while refused is None and not select.select([slow], [], [], 0)[0]:
+        answer = _post(port, small)
+        refused = answer if answer[0] == 503 else None
+    assert _raw_answer(slow).startswith(b"HTTP/1.1 200")
+    slow.close()
+    assert refused is not None, "no request was refused while the slot was busy"
+    _, answer, headers = refused
     assert headers.get("Retry-After") == "1"
     assert "--max-in-flight" in answer["message"]
-    for connection in held:
+    assert _post(port, small)[0] == 200
+
+
+def test_slow_bodies_hold_no_slot_and_get_408_after_the_grace(
+    guarded_server: Server, demo_root: Path, demo_category: str
+) -> None:
+    port = guarded_server.port
+    payload = _payload([_queries(demo_root, demo_category)[0].read_bytes()], map_format="none")
+    started = time.monotonic()
+    slow = [_raw_request(port, 100_000) for _ in range(3)]  # more than the slots, trickling below the rate
+    status, _, _ = _post(port, payload)
+    assert status == 200
+    assert time.monotonic() - started < GRACE_S, "the valid request was answered only after the slow bodies left"
+    for connection in slow:
+        connection.sendall(b"[")
+    answers = [_raw_answer(connection) for connection in slow]
+    refused = time.monotonic() - started
+    closed = [connection.recv(1) == b"" for connection in slow]  # the server closed them
+    for connection in slow:
         connection.close()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"slower than 16 kB/s after its first 3 s (uas serve --min-body-rate, --body-grace)" in answer
+    assert GRACE_S <= refused < GRACE_S + 10
+    assert all(closed)
+
+
+def test_bodies_still_arriving_hold_a_bounded_memory(guarded_server: Server) -> None:
+    port, limit = guarded_server.port, 16_000_000  # one slot: bodies still arriving hold at most 16 MB together
+    held = _raw_request(port, limit - 1000, b" " * 12_000_000)
+    time.sleep(1)
+    more = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    more.request("POST", "/invocations", b" " * 8_000_000, {"Content-Type": "application/json"})
+    answer = more.getresponse()
+    assert answer.status == 503
+    assert answer.getheader("Retry-After") == "1"
+    assert "bytes of request bodies still arriving" in json.loads(answer.read())["message"]
+    more.close()
+    held.close()
     deadline = time.monotonic() + 10
-    while (status := _post(server, payload)[0]) == 503 and time.monotonic() < deadline:
+    while (status := _post(port, _split(["image"], [[PNG]]))[0]) == 503 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert status == 200
+
+
+def _memory_kb(pid: int, field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` (the peak since the last reset) of a process, in kB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1])
+
+
+def test_a_body_of_millions_of_rows_is_refused_before_parsing_in_bounded_memory(
+    guarded_server: Server, demo_root: Path, demo_category: str
+) -> None:
+    pid, limit = guarded_server.process.pid, 16_000_000
+    head, tail = b'{"dataframe_split": {"columns": ["image"], "data": [', b'[""]]}}'
+    body = head + b'[""],' * ((limit - len(head) - len(tail)) // 5) + tail  # 3.2 million rows
+    idle = _memory_kb(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", guarded_server.port, timeout=30)  # keep-alive
+    connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+    answer = connection.getresponse()  # refused as the body arrives, read after it is sent
+    elapsed = time.monotonic() - started
+    growth = (_memory_kb(pid, "VmHWM") - idle) * 1024
+    assert answer.status == 413
+    assert "at most 64 rows are accepted per request (uas serve --max-rows)" in json.loads(answer.read())["message"]
+    connection.close()
+    assert elapsed < 10
+    assert growth < 1.5 * len(body), f"peak RSS grew by {growth / 1e6:.0f} MB for a {len(body) / 1e6:.0f} MB body"
+    query = _queries(demo_root, demo_category)[0].read_bytes()
+    assert _post(guarded_server.port, _payload([query], map_format="none"))[0] == 200
 
 
 def test_work_stops_when_a_request_times_out_or_its_client_leaves_and_slow_bodies_time_out(
@@ -568,8 +678,7 @@ def test_work_stops_when_a_request_times_out_or_its_client_leaves_and_slow_bodie
     options = ["--timeout", "0.3", "--max-rows", "64", "--max-megapixels", "300", "--max-body-mb", "64"]
     process = Server(registered, demo_category, tmp_path, *options)
     try:
-        gradient = np.linspace(0, 255, 2000 * 1000, dtype=np.float32).reshape(1000, 2000).astype(np.uint8)
-        payload = _payload([_encoded(np.dstack([gradient] * 3))] * 64, map_format="none")  # 128 MP to decode
+        payload = _slow_payload()  # 128 MP to decode
         started = time.monotonic()
         status, answer, _ = _post(process.port, payload)
         assert status == 504
@@ -587,10 +696,8 @@ def test_work_stops_when_a_request_times_out_or_its_client_leaves_and_slow_bodie
         time.sleep(3)
         assert _ping(process.port) == 200
 
-        held = _held_request(process.port)  # a body that never arrives loses its place after the timeout
-        answer = b""
-        while b"}" not in answer and (chunk := held.recv(4096)):
-            answer += chunk
+        held = _raw_request(process.port)  # a body that never arrives is refused after the timeout
+        answer = _raw_answer(held)
         held.close()
         assert answer.startswith(b"HTTP/1.1 408")
         assert b"did not arrive within 0.3 s" in answer
@@ -599,6 +706,42 @@ def test_work_stops_when_a_request_times_out_or_its_client_leaves_and_slow_bodie
     stopped = [line for line in log.splitlines() if "Stopped the work" in line]
     assert len(stopped) == 2, log[-3000:]
     assert all(int(line.split(" after ")[1].split(" of ")[0]) < 64 for line in stopped)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--port", "99999", "--port must be 1 to 65535, got 99999."),
+        ("--port", "0", "--port must be 1 to 65535, got 0."),
+        ("--timeout", "nan", "--timeout must be a finite number above 0, got nan."),
+        ("--timeout", "inf", "--timeout must be a finite number above 0, got inf."),
+        ("--timeout", "-1", "--timeout must be a finite number above 0, got -1.0."),
+        ("--max-body-mb", "inf", "--max-body-mb must be a finite number above 0, got inf."),
+        ("--body-grace", "nan", "--body-grace must be a finite number above 0, got nan."),
+        ("--min-body-rate", "0", "--min-body-rate must be a finite number above 0, got 0.0."),
+        ("--max-rows", "0", "--max-rows must be a finite number above 0, got 0."),
+    ],
+)
+def test_uas_serve_refuses_bad_options_in_one_line(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["serve", "brick", option, value]) == 2
+    assert capsys.readouterr().err == f"uas serve: error: {message}\n"
+
+
+def test_uas_serve_on_a_port_in_use_is_one_line_before_the_model_loads(
+    registered: dict, demo_category: str, capsys: pytest.CaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert main(["serve", demo_category, "--port", str(port)]) == 2
+        assert time.monotonic() - started < 10  # no model loaded
+    error = capsys.readouterr().err
+    expected = f"Cannot listen on 127.0.0.1:{port}: Address already in use. Choose another --port or --host."
+    assert error == f"uas serve: error: {expected}\n"
 
 
 def test_uas_serve_answers_inctrl_with_its_prompt_override(

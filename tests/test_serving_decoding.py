@@ -98,3 +98,16 @@ def test_request_pixel_budget_is_shared_by_its_images() -> None:
     for _ in range(4):  # in process and Spark the budget holds per row
         trusted.start_row()
         trusted.decode(data, "image")
+
+
+def test_refused_paths_get_the_one_answer_not_an_exception(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    served = RequestImages(Limits(), min_side=64, image_root=tmp_path, trusted=False)
+    for path in ("good.png\x00.txt", "loop", "loop/image.png"):  # a NUL byte (ValueError), a link loop (RuntimeError)
+        with pytest.raises(BadRequest, match="under the server's image root") as refused:
+            served.read(path)
+        assert refused.value.status == 400
+    trusted = RequestImages(Limits(max_rows=None), min_side=64, image_root=None, trusted=True)
+    for path in ("good.png\x00.txt", str(tmp_path / "loop")):
+        with pytest.raises(BadRequest, match="is not a readable image file"):
+            trusted.read(path)

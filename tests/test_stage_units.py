@@ -159,6 +159,29 @@ def test_champion_moves_only_on_a_strictly_better_finite_metric(registry_store: 
     assert nan not in {version_of(name, alias) for alias in ("champion", "champion-metauas", "champion-inctrl")}
 
 
+def test_a_metric_tag_edited_to_text_is_skipped_with_a_warning(
+    registry_store: mlflow.MlflowClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from anomalib_uas.registry import update_champion, version_of
+
+    client, name = registry_store, "anomalib-uas-unit"
+    client.create_registered_model(name)
+    versions = [
+        client.create_model_version(name, "file:///nowhere", tags={"uas.model": "metauas"}).version for _ in "ab"
+    ]
+    client.set_model_version_tag(name, versions[0], "pixel_AUPRO", "0.900000")
+    assert update_champion(name, "pixel_AUPRO") == versions[0]
+    client.set_model_version_tag(name, versions[0], "pixel_AUPRO", "0.9 (checked by hand)")  # edited in the UI
+    client.set_model_version_tag(name, versions[1], "pixel_AUPRO", "0.500000")
+    with caplog.at_level("WARNING", logger="anomalib_uas.registry"):
+        assert update_champion(name, "pixel_AUPRO") == versions[1]  # a later registration still chooses
+    assert version_of(name, "champion-metauas") == versions[1]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Version {versions[0]} of {name} has pixel_AUPRO tag '0.9 (checked by hand)', which is not a number: "
+        "it cannot become champion until the tag is fixed"
+    ]
+
+
 def test_serving_an_unregistered_category_is_one_line(tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(

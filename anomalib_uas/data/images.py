@@ -161,6 +161,9 @@ def _scale_float(values: np.ndarray, name: str) -> np.ndarray:
 def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """List image files from a folder (recursively, sorted) or a sequence of files.
 
+    Hidden files and folders of a folder (names starting with ``.``, such as macOS ``._000.png`` metadata) are
+    not images and are left out.
+
     Args:
         source: A folder, a single image file, or a sequence of image files.
 
@@ -174,7 +177,13 @@ def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
     if isinstance(source, (str, Path)):
         root = Path(source)
         if root.is_dir():
-            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            paths = sorted(
+                path
+                for path in root.rglob("*")
+                if path.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in path.relative_to(root).parts)
+                and path.is_file()
+            )
         elif root.is_file():
             paths = [root]
         else:

@@ -121,8 +121,8 @@ class RequestImages:
         Raises:
             BadRequest: The path is refused (one answer for every reason), or its file is not a valid image.
         """
-        file = self._allowed(path)
-        if file is None:
+        data = self._allowed_bytes(path)
+        if data is None:
             if self.trusted:
                 msg = f"image_path {path} is not a readable image file."
             elif self.image_root is None:
@@ -130,22 +130,19 @@ class RequestImages:
             else:
                 msg = "image_path must name an image file under the server's image root; send the image instead."
             raise BadRequest(msg)
-        return self.decode(file.read_bytes(), "image_path")
+        return self.decode(data, "image_path")
 
-    def _allowed(self, path: str) -> Path | None:
-        if self.trusted:
-            file = Path(path)
-        elif self.image_root is not None:
-            file = (self.image_root / path).resolve()
-            if not file.is_relative_to(self.image_root):
-                return None
-        else:
+    def _allowed_bytes(self, path: str) -> bytes | None:
+        """The file's bytes, or ``None`` for a path the policy refuses or that names no readable file."""
+        if not self.trusted and self.image_root is None:
             return None
         try:
+            file = Path(path) if self.trusted else (self.image_root / path).resolve()
+            if not self.trusted and not file.is_relative_to(self.image_root):
+                return None
             if file.is_file() and (self.trusted or file.stat().st_size <= self.limits.max_body_bytes):
-                with file.open("rb"):
-                    return file
-        except OSError:
+                return file.read_bytes()
+        except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte; RuntimeError: a symlink loop
             return None
         return None
 
@@ -156,6 +153,12 @@ class RequestImages:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return  # not an image: decoding names the problem
         self.pixels += width * height
+        if self.pixels > self.limits.max_pixels and self.trusted:
+            msg = (
+                f"The images of this row hold more than {self.limits.max_megapixels:g} megapixels, the limit per row "
+                "in process (uas predict --max-megapixels). Downscale the image or raise the limit."
+            )
+            raise BadRequest(msg, status=413, code="REQUEST_TOO_LARGE")
         if self.pixels > self.limits.max_pixels:
             msg = (
                 f"The images of this request hold more than {self.limits.max_megapixels:g} megapixels, the limit per "

@@ -6,12 +6,16 @@
 ``GET /ping``, ``/health`` and ``/version`` like ``mlflow models serve``, with every request bounded
 (:class:`~anomalib_uas.serving.limits.Limits`):
 
-* at most ``max_in_flight`` requests are handled at once; one more gets 503 with ``Retry-After`` before its body
-  is read, so memory stays bounded at any number of clients;
-* bodies over ``max_body_bytes`` get 413 before they are read whole (declared or streamed);
-* rows and megapixels per request are bounded (413), images by format and aspect ratio (400);
-* a body that does not arrive within ``timeout_s`` gets 408; a request that outlives it gets 504, and its work
-  stops when it or its client gives up;
+* a body is read whole before its request takes one of ``max_in_flight`` slots, so slow clients hold none;
+  one more request gets 503 with ``Retry-After`` (before its body is sent when the slots are busy scoring);
+* bodies still arriving hold at most ``max_in_flight * max_body_bytes`` bytes together (503 with
+  ``Retry-After`` beyond it), and each must keep arriving at ``min_body_rate`` after ``body_grace_s`` and whole
+  within ``timeout_s`` (408, and its connection is closed);
+* bodies over ``max_body_bytes`` get 413 before they are read whole (declared or streamed), and so do bodies with
+  more JSON structure than ``max_rows`` rows need, counted as they arrive, before any parsing;
+* rows and megapixels per request are bounded (413), images by format and aspect ratio (400), JSON numbers to
+  ``MAX_NUMBER_CHARS`` characters (400);
+* a request that outlives ``timeout_s`` gets 504, and its work stops when it or its client gives up;
 * ``image_path`` is read only under ``image_root``.
 
 Every refused request gets a 4xx JSON ``{"error_code", "message"}`` naming the problem and the fix, never a stack
@@ -26,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
+import socket
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -46,6 +52,17 @@ Send = Callable[[Message], Awaitable[None]]
 Scope = MutableMapping[str, Any]
 FORMATS = ("dataframe_split", "dataframe_records")
 DECODE_THREADS = 2  # images decoded at once, whatever the number of requests: the peak of decoding memory
+MAX_NUMBER_CHARS = 100
+# JSON structure (the bytes [ { ,) bounds the number of values json.loads builds, and is counted as the body
+# arrives. A row needs at most 13: its list or object, two commas between its three cells, the prompt list with
+# seven commas between eight prompts, the comma before the next row and its "index" entry (pandas' split orient);
+# base64 holds none. Allowed: 32 per row (room for the comma of a data URI per image and for a longer prompt list,
+# both refused later with their own message) plus 1024 for the rest (keys, params, commas in image paths).
+STRUCTURE = b"[{,"
+STRUCTURE_PER_ROW = 32
+STRUCTURE_SLACK = 1024
+# 503: come back soon; 408: a slow client's connection is closed, not kept waiting for the rest of its body
+HEADERS = {503: [(b"retry-after", b"1")], 408: [(b"connection", b"close")]}
 
 
 def _rows(payload: Any) -> tuple[list[dict[str, Any]], str]:
@@ -91,9 +108,22 @@ def _rows(payload: Any) -> tuple[list[dict[str, Any]], str]:
     return rows, map_format
 
 
-def _parse(body: bytes) -> tuple[list[dict[str, Any]], str]:
+def _number(kind: type[int | float], text: str) -> int | float:
+    """A JSON number, refused before its conversion when longer than any payload needs (images are strings)."""
+    if len(text) > MAX_NUMBER_CHARS:
+        msg = (
+            f"The body holds a number of {len(text)} characters; numbers of at most {MAX_NUMBER_CHARS} are accepted. "
+            "Send images as base64 strings in the dataframe_split format."
+        )
+        raise BadRequest(msg)
+    return kind(text)
+
+
+def _parse(body: bytes | bytearray) -> tuple[list[dict[str, Any]], str]:
     try:
-        payload = json.loads(body)
+        payload = json.loads(
+            body, parse_int=functools.partial(_number, int), parse_float=functools.partial(_number, float)
+        )
     except RecursionError as exc:
         msg = "The JSON is nested too deeply; send the dataframe_split format."
         raise BadRequest(msg) from exc
@@ -118,6 +148,7 @@ class ScoringApp:
         self.limits = limits
         self.version = version
         self.in_flight = 0
+        self.arriving = 0  # bytes of request bodies still arriving
         # work of given-up requests runs on until its next row or forward, so there are threads for both
         self.executor = concurrent.futures.ThreadPoolExecutor(2 * limits.max_in_flight, thread_name_prefix="uas")
         self.decoder = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="uas-decode")
@@ -149,64 +180,116 @@ class ScoringApp:
 
     async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.in_flight >= self.limits.max_in_flight:
-            message = (
-                f"The server is handling {self.limits.max_in_flight} requests, its limit (uas serve "
-                "--max-in-flight); retry after a second."
-            )
-            await _error(send, 503, "TEMPORARILY_UNAVAILABLE", message, [(b"retry-after", b"1")])
-            return
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if content_type != b"application/json":
-            message = "Send the request as JSON (Content-Type: application/json) in the dataframe_split format."
-            await _error(send, 415, "UNSUPPORTED_MEDIA_TYPE", message)
-            return
-        self.in_flight += 1
         try:
-            body = await asyncio.wait_for(self._body(headers, receive, send), self.limits.timeout_s)
-            if body is not None:
-                await self._score(body, receive, send)
-        except asyncio.TimeoutError:  # a body that does not arrive must not hold its place in flight
-            message = f"The request body did not arrive within {self.limits.timeout_s:g} s (uas serve --timeout)."
-            await _error(send, 408, "REQUEST_TIMEOUT", message)
+            self._check_free_slot()  # the slots are busy scoring: refused before the body is sent
+            _check_content_type(headers)
+            body = await self._body(headers, receive)
+            if body is None:  # the client went away
+                return
+            self._check_free_slot()
+        except BadRequest as exc:
+            await _error(send, exc.status, exc.code, exc.message, HEADERS.get(exc.status))
+            return
+        self.in_flight += 1  # no await since the check: the slot is this request's
+        try:
+            await self._score(body, receive, send)
         finally:
             self.in_flight -= 1
 
-    async def _body(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> bytes | None:
-        limit = self.limits.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            message = (
-                f"The request body has {int(declared)} bytes; at most {limit} are accepted (uas serve --max-body-mb). "
-                "Send fewer or smaller images per request."
+    def _check_free_slot(self) -> None:
+        if self.in_flight >= self.limits.max_in_flight:
+            msg = (
+                f"The server is handling {self.limits.max_in_flight} requests, its limit (uas serve --max-in-flight); "
+                "retry after a second."
             )
-            await _error(send, 413, "REQUEST_TOO_LARGE", message)
-            return None
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                message = (
-                    f"The request body has more than {limit} bytes, the limit (uas serve --max-body-mb). Send fewer "
-                    "or smaller images per request."
-                )
-                await _error(send, 413, "REQUEST_TOO_LARGE", message)
-                return None
-            more = message.get("more_body", False)
-        return b"".join(chunks)
+            raise BadRequest(msg, status=503, code="TEMPORARILY_UNAVAILABLE")
 
-    def _work(self, body: bytes, cancel: threading.Event) -> list[dict[str, Any]]:
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytearray | None:
+        """The whole body, read before the request takes a slot, within the body bounds.
+
+        Raises:
+            BadRequest: 413 for a body over the size or structure bound, 408 for one that arrives too slowly,
+                503 while the bodies still arriving hold their bound of memory.
+        """
+        _check_declared_size(headers, self.limits.max_body_bytes)
+        body, structure, start = bytearray(), 0, asyncio.get_running_loop().time()
+        try:
+            while True:
+                message = await self._chunk(receive, start, len(body))
+                if message["type"] != "http.request":
+                    return None
+                chunk = message.get("body", b"")
+                structure += sum(map(chunk.count, STRUCTURE))
+                self._check_body(len(body) + len(chunk), structure)
+                self._hold(len(chunk))
+                body += chunk
+                if not message.get("more_body", False):
+                    return body
+        finally:
+            self.arriving -= len(body)
+
+    async def _chunk(self, receive: Receive, start: float, received: int) -> Message:
+        """The next message of a body, if it comes before the body falls behind its deadlines.
+
+        Raises:
+            BadRequest: 408 naming the deadline the body missed.
+        """
+        limits, now = self.limits, asyncio.get_running_loop().time()
+        by_rate = start + limits.body_grace_s + received / limits.min_body_rate
+        try:
+            return await asyncio.wait_for(receive(), min(by_rate, start + limits.timeout_s) - now)
+        except asyncio.TimeoutError as exc:
+            if by_rate < start + limits.timeout_s:
+                msg = (
+                    f"The request body arrived slower than {limits.min_body_rate / 1000:g} kB/s after its first "
+                    f"{limits.body_grace_s:g} s (uas serve --min-body-rate, --body-grace). Send the body at once."
+                )
+            else:
+                msg = f"The request body did not arrive within {limits.timeout_s:g} s (uas serve --timeout)."
+            raise BadRequest(msg, status=408, code="REQUEST_TIMEOUT") from exc
+
+    def _hold(self, size: int) -> None:
+        """Count ``size`` more bytes of bodies still arriving, within their bound.
+
+        Raises:
+            BadRequest: 503 beyond ``max_buffered_bytes``.
+        """
+        if self.arriving + size > self.limits.max_buffered_bytes:
+            msg = (
+                f"The server holds {self.arriving} bytes of request bodies still arriving, its limit "
+                "(uas serve --max-in-flight times --max-body-mb); retry after a second."
+            )
+            raise BadRequest(msg, status=503, code="TEMPORARILY_UNAVAILABLE")
+        self.arriving += size
+
+    def _check_body(self, size: int, structure: int) -> None:
+        """Refuse a body over the size bound, or with more JSON structure than the row bound needs.
+
+        Raises:
+            BadRequest: 413 naming the bound.
+        """
+        limit, rows = self.limits.max_body_bytes, self.limits.max_rows
+        if size > limit:
+            msg = (
+                f"The request body has more than {limit} bytes, the limit (uas serve --max-body-mb). Send fewer or "
+                "smaller images per request."
+            )
+            raise BadRequest(msg, status=413, code="REQUEST_TOO_LARGE")
+        if rows is not None and structure > rows * STRUCTURE_PER_ROW + STRUCTURE_SLACK:
+            msg = (
+                f"The request body holds more JSON brackets, braces and commas than {rows} rows need; at most {rows} "
+                "rows are accepted per request (uas serve --max-rows). Split it into smaller requests."
+            )
+            raise BadRequest(msg, status=413, code="REQUEST_TOO_LARGE")
+
+    def _work(self, body: bytearray, cancel: threading.Event) -> list[dict[str, Any]]:
         rows, map_format = _parse(body)
         images = RequestImages(
             self.limits, self.model.min_side, self.limits.image_root, trusted=False, decoder=self.decoder
         )
         return self.model.score(rows, map_format, images, cancel)
 
-    async def _score(self, body: bytes, receive: Receive, send: Send) -> None:
+    async def _score(self, body: bytearray, receive: Receive, send: Send) -> None:
         cancel = threading.Event()
         work = asyncio.get_running_loop().run_in_executor(self.executor, self._work, body, cancel)
         left = asyncio.ensure_future(_disconnected(receive))
@@ -237,6 +320,22 @@ class ScoringApp:
         await _answer(send, 200, json.dumps({"predictions": predictions}).encode(), b"application/json")
 
 
+def _check_content_type(headers: dict[bytes, bytes]) -> None:
+    if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != b"application/json":
+        msg = "Send the request as JSON (Content-Type: application/json) in the dataframe_split format."
+        raise BadRequest(msg, status=415, code="UNSUPPORTED_MEDIA_TYPE")
+
+
+def _check_declared_size(headers: dict[bytes, bytes], limit: int) -> None:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        msg = (
+            f"The request body has {int(declared)} bytes; at most {limit} are accepted (uas serve --max-body-mb). "
+            "Send fewer or smaller images per request."
+        )
+        raise BadRequest(msg, status=413, code="REQUEST_TOO_LARGE")
+
+
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -253,6 +352,37 @@ async def _error(send: Send, status: int, code: str, message: str, extra: list |
     await _answer(send, status, body, b"application/json", extra)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, for uvicorn to listen on once the model has loaded.
+
+    Raises:
+        ValueError: The address cannot be bound (in use, no interface of this machine, a privileged port).
+    """
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        msg = f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Choose another --port or --host."
+        raise ValueError(msg) from exc
+    return listener
+
+
+def _load(model_uri: str) -> UASPyfuncModel:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except MlflowException as exc:
+        msg = (
+            f"Cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc.message.rstrip('.')}. Register it "
+            "first (the evaluate stage with registry.register), or set MLFLOW_TRACKING_URI to the store holding it."
+        )
+        raise ValueError(msg) from exc
+
+
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5055, limits: Limits | None = None) -> None:
     """Serve a registered model over REST until interrupted (``/invocations``, ``/ping``, ``/health``, ``/version``).
 
@@ -263,20 +393,13 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5055, limits: Lim
         limits: Request bounds (defaults: :class:`Limits`).
 
     Raises:
-        ValueError: No such registered model in the tracking store.
+        ValueError: The address cannot be bound (checked before the model loads), or no such registered model in
+            the tracking store.
     """
     import mlflow
     import uvicorn
-    from mlflow.exceptions import MlflowException
 
-    try:
-        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except MlflowException as exc:
-        msg = (
-            f"Cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc.message.rstrip('.')}. Register it "
-            "first (the evaluate stage with registry.register), or set MLFLOW_TRACKING_URI to the store holding it."
-        )
-        raise ValueError(msg) from exc
-    app = ScoringApp(model, limits or Limits(), mlflow.__version__)
-    logger.info("Serving %s on http://%s:%d/invocations", model_uri, host, port)
-    uvicorn.run(app, host=host, port=port, workers=1, log_level="warning")
+    with _bind(host, port) as listener:
+        app = ScoringApp(_load(model_uri), limits or Limits(), mlflow.__version__)
+        logger.info("Serving %s on http://%s:%d/invocations", model_uri, host, port)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])

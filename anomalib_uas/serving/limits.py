@@ -12,14 +12,17 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_BODY_GRACE_S",
     "DEFAULT_MAX_BODY_MB",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_MEGAPIXELS",
     "DEFAULT_MAX_ROWS",
+    "DEFAULT_MIN_BODY_KB_PER_S",
     "DEFAULT_TIMEOUT_S",
     "MAX_ASPECT",
     "MAX_PROMPTS",
@@ -32,6 +35,8 @@ DEFAULT_MAX_ROWS = 16
 DEFAULT_MAX_MEGAPIXELS = 40.0
 DEFAULT_MAX_IN_FLIGHT = 8
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_BODY_GRACE_S = 5.0
+DEFAULT_MIN_BODY_KB_PER_S = 16.0
 MAX_ASPECT = 20.0
 MAX_PROMPTS = 8
 
@@ -65,6 +70,9 @@ class Limits:
         max_in_flight: Requests handled at once; one more gets HTTP 503 with ``Retry-After``.
         timeout_s: Seconds a request may take; beyond it the answer is HTTP 504 and its work stops.
         image_root: Folder under which REST requests may name images by ``image_path``; ``None`` refuses them.
+        body_grace_s: Seconds a request body may take before ``min_body_rate`` applies.
+        min_body_rate: Bytes per second a body must keep arriving at after ``body_grace_s``: by ``t`` seconds
+            after its request started, at least ``min_body_rate * (t - body_grace_s)`` bytes (HTTP 408).
     """
 
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1_000_000)
@@ -74,21 +82,38 @@ class Limits:
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     timeout_s: float = DEFAULT_TIMEOUT_S
     image_root: Path | None = None
+    body_grace_s: float = DEFAULT_BODY_GRACE_S
+    min_body_rate: float = DEFAULT_MIN_BODY_KB_PER_S * 1000
 
     def __post_init__(self) -> None:
-        """Refuse bounds that would refuse everything.
+        """Refuse bounds that would refuse everything or nothing.
 
         Raises:
-            ValueError: A bound that is not positive.
+            ValueError: A bound that is not a finite positive number.
         """
-        bounds = {"max body": self.max_body_bytes, "max megapixels": self.max_megapixels, "timeout": self.timeout_s}
-        bounds |= {"max in flight": self.max_in_flight, "max aspect": self.max_aspect}
-        if self.max_rows is not None:
-            bounds["max rows"] = self.max_rows
+        bounds = {
+            "max_body_bytes": self.max_body_bytes,
+            "max_rows": self.max_rows,
+            "max_megapixels": self.max_megapixels,
+            "max_aspect": self.max_aspect,
+            "max_in_flight": self.max_in_flight,
+            "timeout_s": self.timeout_s,
+            "body_grace_s": self.body_grace_s,
+            "min_body_rate": self.min_body_rate,
+        }
         for name, value in bounds.items():
-            if value <= 0:
-                msg = f"The {name} limit must be positive, got {value}."
+            if value is not None and not (math.isfinite(value) and value > 0):
+                msg = f"Limits.{name} must be a finite number above 0, got {value}."
                 raise ValueError(msg)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Bytes of request bodies still arriving that the server holds at once (HTTP 503 beyond it).
+
+        Returns:
+            ``max_in_flight`` bodies of ``max_body_bytes``.
+        """
+        return self.max_in_flight * self.max_body_bytes
 
     @property
     def max_pixels(self) -> int:

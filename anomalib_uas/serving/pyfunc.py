@@ -9,6 +9,11 @@ thresholds on the raw scores) and the exported ONNX graph of the model with thos
 downloaded at load time. Queries with the registered prompts run through the graph, micro-batched across
 concurrent requests; a row with its own prompt images runs the eager model.
 
+The config records the sha256 of the graph's files (key ``graph_sha256``). Loading refuses a graph that is not the
+registered one (overwritten, truncated) or that ONNX Runtime cannot read, with a
+:class:`~anomalib_uas.serving.runtime.GraphFileError` (a ``ValueError``, one line in the CLI) that names the file in
+the artifact store, the registered version and how to register the model again.
+
 Rows (``dataframe_split``):
 
 * ``image``: the encoded image (PNG, JPEG, BMP, TIFF or WebP; base64 in JSON), or ``image_path``: a file, read
@@ -47,29 +52,34 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
+from mlflow.utils.file_utils import local_file_uri_to_path
 from PIL import Image
 
 from anomalib_uas.data.images import list_images, read_image
 from anomalib_uas.models.loading import load_model
+from anomalib_uas.registry import registered_name
 from anomalib_uas.serving.decoding import RequestImages
 from anomalib_uas.serving.limits import MAX_PROMPTS, BadRequest, Limits
 from anomalib_uas.serving.runtime import (
     EagerRunner,
     GraphDifference,
+    GraphFileError,
     GraphRunner,
     MicroBatcher,
     check_graph,
     export_graph,
+    verify_graph,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "COLUMNS",
+    "GRAPH_DIGESTS",
     "MAP_FORMATS",
     "OUTPUT_COLUMNS",
     "SIGNATURE",
@@ -77,9 +87,11 @@ __all__ = [
     "UASPyfuncModel",
     "export_servable",
     "load_servable",
+    "open_graph",
 ]
 
 COLUMNS = ("image", "image_path", "prompt_images")
+GRAPH_DIGESTS = "graph_sha256"  # config key: the sha256 of each graph file, by name, recorded at registration
 MAP_FORMATS = ("png", "array", "none")
 OUTPUT_COLUMNS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
 
@@ -171,6 +183,58 @@ def export_servable(
     return False, check_graph(module.model, batch, folder, thresholds)
 
 
+def open_graph(folder: Path, config: Mapping[str, Any]) -> GraphRunner:
+    """The graph a version serves, once it is the one registered with it and ONNX Runtime reads it.
+
+    Args:
+        folder: The local copy of the version's ``graph`` artifact.
+        config: The registered config; versions registered before the graph's sha256 was recorded are not checked.
+
+    Returns:
+        The graph's runner.
+
+    Raises:
+        GraphFileError: The graph is not the registered one or cannot be read; the message names the file in the
+            artifact store, the registered version and how to register it again.
+    """
+    try:
+        verify_graph(folder, config.get(GRAPH_DIGESTS, {}))
+        return GraphRunner(folder)
+    except GraphFileError as error:
+        raise _stored_graph_error(error, folder.parent.parent, config) from error
+
+
+def _stored_graph_error(error: GraphFileError, model_dir: Path, config: Mapping[str, Any]) -> GraphFileError:
+    """The same error, naming the file in the artifact store and the version, with what to do about it."""
+    model, category = config["model"], config["category"]
+    name, model_id = registered_name(category), Model.load(model_dir).model_id
+    registered = _registered_version(name, model_id)
+    if registered is None:
+        path, owner, delete = error.path, f"logged model {model_id}", ""
+    else:
+        version, storage = registered
+        path = Path(local_file_uri_to_path(storage)) / error.path.relative_to(model_dir)
+        owner, delete = f"{name} version {version}", f"delete version {version} of {name}, then "
+    fix = f"{delete}register it again: rm -r predictions/{model}/{category} && dvc repro evaluate@{model}"
+    return GraphFileError(path, f"{error.problem}: the graph of {owner} cannot be served; {fix}")
+
+
+def _registered_version(name: str, model_id: str | None) -> tuple[str, str] | None:
+    """The version of ``name`` that registers the logged model ``model_id`` and where its files are stored."""
+    uri = mlflow.get_tracking_uri()
+    if model_id is None or (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()):
+        return None  # no store to ask (asking would create one)
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.source == f"models:/{model_id}":
+            return version.version, client.get_model_version_download_uri(name, version.version)
+    return None
+
+
 def _present(value: object) -> bool:
     """Whether a cell holds something (``None`` and NaN count as absent, empty values too)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -193,17 +257,20 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
         Args:
             context: Holds the artifact paths ``config``, ``checkpoint``, and ``clip``, ``prompts`` and ``graph``
                 when the version has them.
+
+        Raises:
+            GraphFileError: The graph is not the one registered, or cannot be read (:func:`open_graph`).
         """
         artifacts = context.artifacts
         self.config = json.loads(Path(artifacts["config"]).read_text())
+        graph = open_graph(Path(artifacts["graph"]), self.config) if "graph" in artifacts else None
         self.module = load_servable(self.config, artifacts)
         self.transform = self.module.pre_processor.transform
         self.prompted = "prompts" in artifacts
         self.min_side = min(self.transform(torch.zeros(3, 64, 64)).shape[-2:])
         self.eager = EagerRunner(self.module.model)
-        self.runtime = "onnx" if "graph" in artifacts else "eager"
-        forward = GraphRunner(artifacts["graph"]) if "graph" in artifacts else self.eager
-        self.batcher = MicroBatcher(forward)
+        self.runtime = "eager" if graph is None else "onnx"
+        self.batcher = MicroBatcher(self.eager if graph is None else graph)
         logger.info("Serving %s (%s) on %s", self.config["model"], self.config["category"], self.runtime)
 
     def predict(

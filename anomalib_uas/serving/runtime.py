@@ -8,7 +8,9 @@ compares ONNX Runtime's outputs with the eager ones (also for a graph reused fro
 reads the outputs on the scale serving uses them at: anomaly-map differences relative to the maps' range, score
 differences relative to the scores' magnitude (:data:`GRAPH_TOLERANCE`), and it counts the labels and mask pixels
 that change at the registered thresholds. The served pyfunc runs a checked graph (:class:`GraphRunner`); versions
-registered without one run the eager model.
+registered without one run the eager model. The sha256 of the graph's files is recorded at registration
+(:func:`graph_digests`) and checked before the graph is served (:func:`verify_graph`): a graph changed, truncated or
+replaced in the artifact store, or one that ONNX Runtime cannot read, raises :class:`GraphFileError`.
 
 Every forward of a served model runs in the single thread of a :class:`MicroBatcher`: the query images that wait
 together, from any number of concurrent requests, go through one batched forward; a job whose request timed out
@@ -26,7 +28,7 @@ import collections
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from anomalib_uas.weights import sha256sum
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "GRAPH_TOLERANCE",
     "EagerRunner",
     "GraphDifference",
+    "GraphFileError",
     "GraphMismatchError",
     "GraphRunner",
     "GraphTolerance",
@@ -48,6 +53,8 @@ __all__ = [
     "check_graph",
     "compare_outputs",
     "export_graph",
+    "graph_digests",
+    "verify_graph",
 ]
 
 GRAPH_FILE = "model.onnx"
@@ -96,15 +103,70 @@ class EagerRunner:
         return output.pred_score.float().numpy(), output.anomaly_map.float().numpy()
 
 
+class GraphFileError(ValueError):
+    """A graph file that is not the one registered (changed, truncated, missing) or that ONNX Runtime cannot read.
+
+    Args:
+        path: The file.
+        problem: What is wrong with it, in words that follow the path.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def graph_digests(folder: Path) -> dict[str, str]:
+    """The sha256 of each file of a graph folder, by file name: what a version records of the graph it serves.
+
+    Args:
+        folder: The graph folder.
+
+    Returns:
+        ``{"model.onnx": "<sha256>", ...}``.
+    """
+    return {path.name: sha256sum(path) for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def verify_graph(folder: Path, digests: Mapping[str, str]) -> None:
+    """Check that a graph folder holds the files recorded by :func:`graph_digests`.
+
+    Args:
+        folder: The graph folder.
+        digests: The recorded sha256 of each file.
+
+    Raises:
+        GraphFileError: A recorded file is missing or has another sha256.
+    """
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file():
+            raise GraphFileError(path, "is missing")
+        found = sha256sum(path)
+        if found != digest:
+            raise GraphFileError(path, f"has sha256 {found[:16]}..., not the {digest[:16]}... registered")
+
+
 class GraphRunner:
     """An exported graph run by ONNX Runtime on the CPU, with as many threads as torch uses and no memory arena.
 
     Args:
         path: The graph folder (``model.onnx``, and its weights file when they exceed 2 GB) or the ``.onnx`` file.
+
+    Raises:
+        GraphFileError: ONNX Runtime cannot read the graph (a corrupt or truncated file, a missing weights file).
     """
 
     def __init__(self, path: str | Path) -> None:
         import onnxruntime
+        from onnxruntime.capi.onnxruntime_pybind11_state import (
+            Fail,
+            InvalidArgument,
+            InvalidGraph,
+            InvalidProtobuf,
+            NoSuchFile,
+        )
 
         path = Path(path) / GRAPH_FILE if Path(path).is_dir() else Path(path)
         options = onnxruntime.SessionOptions()
@@ -115,7 +177,11 @@ class GraphRunner:
         # the request threads that decode and encode.
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise GraphFileError(path, f"cannot be read by ONNX Runtime ({first})") from error
 
     def __call__(self, images: torch.Tensor) -> Outputs:
         """Score a batch.

@@ -20,8 +20,9 @@ Reviewers' feedback (``data/feedback``, see :mod:`anomalib_uas.stages.evaluation
 metrics and reported separately (feedback normals still alarming, hard cases still missed); feedback normals join
 the prompt pool of the models that take prompts.
 
-Categories are checked against the dataset before anything runs, so a typo never lets anomalib's datamodule start
-a download; the outputs are replaced only when every category was evaluated.
+The dataset is checked before anything runs (:mod:`anomalib_uas.stages.dataset_check`: a missing category, an empty
+``good`` folder, a hidden or unreadable image file are one line each); the outputs are replaced only when every
+category was evaluated.
 """
 
 from __future__ import annotations
@@ -45,36 +46,15 @@ from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import get_spec
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.params import METRICS, MODEL_NAMES, Params, load_params
-from anomalib_uas.stages import StageError, run_stage
+from anomalib_uas.stages import run_stage
+from anomalib_uas.stages.dataset_check import check_dataset
 from anomalib_uas.stages.evaluation_inputs import Feedback, held_out_normals, prompt_pool, read_feedback, test_split
 from anomalib_uas.stages.outputs import replacing, write_json
 from anomalib_uas.stages.status import Status, model_kwargs, read_status
 
-__all__ = ["RATES", "check_categories", "cli", "main"]
+__all__ = ["RATES", "cli", "main"]
 
 RATES = ("false_alarm_rate", "miss_rate", "FP", "FN")  # of the image threshold, on the test set
-
-
-def check_categories(dataset: Path, categories: Sequence[str]) -> None:
-    """Check that every category is in the dataset, in MVTec AD layout.
-
-    Args:
-        dataset: The dataset folder.
-        categories: ``data.categories``.
-
-    Raises:
-        StageError: A category is missing (the message lists what the dataset has).
-    """
-    absent = [category for category in categories if not (dataset / category / "test").is_dir()]
-    if absent:
-        present = (
-            sorted(path.name for path in dataset.iterdir() if (path / "test").is_dir()) if dataset.is_dir() else []
-        )
-        msg = (
-            f"data.categories {absent} are not in {dataset} (it has {present or 'nothing'}): fix data.categories or "
-            "rerun the data stage (`dvc repro data`)"
-        )
-        raise StageError(msg)
 
 
 def main(
@@ -102,7 +82,7 @@ def main(
     """
     params = load_params(params_file)
     categories = list(params.data.categories)
-    check_categories(dataset, categories)
+    check_dataset(dataset, categories)
     status = read_status(checkpoints)
     previous = _Previous.read(predictions, reports)
     marks = {category: read_feedback(feedback or Path("/nonexistent"), category) for category in categories}
