@@ -11,9 +11,12 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# Two workers: the tests that use a FiftyOne database run one after another on one (tests/conftest.py), the other
+# modules share the other; most tests wait on subprocesses, so one process alone keeps about one core busy.
+python -m pytest -q -n 2 --dist loadgroup "$@"
 # The second instruction set: AVX2 on an AVX-512 CPU, the generic kernels on an AVX2-only one.
 if grep -qw avx512f /proc/cpuinfo; then isa=avx2 onednn=AVX2; else isa=default onednn=SSE41; fi
 echo "Numerics tests again under ATEN_CPU_CAPABILITY=$isa ONEDNN_MAX_CPU_ISA=$onednn"
-ATEN_CPU_CAPABILITY=$isa ONEDNN_MAX_CPU_ISA=$onednn python -m pytest -q -p no:cacheprovider -k "not serves_the_eager_model" \
+ATEN_CPU_CAPABILITY=$isa ONEDNN_MAX_CPU_ISA=$onednn python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider \
+  -k "not serves_the_eager_model" \
   tests/test_graph_check.py tests/test_metauas_parity.py tests/test_inctrl_parity.py tests/test_faprompt_parity.py

@@ -12,10 +12,13 @@ from pathlib import Path
 from types import ModuleType
 
 # FiftyOne reads its configuration at import: a private database for the test session, no tracking. The
-# acceptance tests work on the user's own database (tests/test_acceptance.py), recorded here.
-if "FIFTYONE_DATABASE_DIR" in os.environ:
-    os.environ.setdefault("UAS_USER_FIFTYONE_DATABASE_DIR", os.environ["FIFTYONE_DATABASE_DIR"])
-os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="uas-fiftyone-")
+# acceptance tests work on the user's own database (tests/test_acceptance.py), recorded here. pytest-xdist's
+# workers inherit the session's private database from the process that starts them.
+if "UAS_TEST_FIFTYONE_DATABASE_DIR" not in os.environ:
+    if "FIFTYONE_DATABASE_DIR" in os.environ:
+        os.environ.setdefault("UAS_USER_FIFTYONE_DATABASE_DIR", os.environ["FIFTYONE_DATABASE_DIR"])
+    os.environ["UAS_TEST_FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="uas-fiftyone-")
+os.environ["FIFTYONE_DATABASE_DIR"] = os.environ["UAS_TEST_FIFTYONE_DATABASE_DIR"]
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -24,6 +27,32 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The modules whose tests start or use a FiftyOne database (or need none to be running). A FiftyOne process attaches
+# to any database service its user runs, so under pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh) they run
+# one after another on one worker; every other module is a group of its own (its module fixtures built once).
+DATABASE_MODULES = {
+    "test_acceptance",
+    "test_errors",
+    "test_feedback",
+    "test_pipeline",
+    "test_pipeline_clip",
+    "test_pipeline_fullsize",
+    "test_predict",
+    "test_review",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the tests for pytest-xdist: :data:`DATABASE_MODULES` together, every other module by itself.
+
+    Args:
+        items: The collected tests.
+    """
+    for item in items:
+        if item.module is not None:
+            name = item.module.__name__
+            item.add_marker(pytest.mark.xdist_group("database" if name in DATABASE_MODULES else name))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,10 +4,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,3 +67,36 @@ def make_repo(
     run_command(["git", "add", "-A"], root, env)
     run_command(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root, env)
     return env
+
+
+def served_predictions(command: list[str], images: list[Path], cwd: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Start ``uas serve`` (``command`` without ``--port``), send it the images in one request, stop it.
+
+    Returns:
+        The ``predictions`` of its 200 answer.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    rows = [[base64.b64encode(image.read_bytes()).decode()] for image in images]
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        deadline, answer = time.monotonic() + 180, None
+        while answer is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = (response.status, json.loads(response.read()))
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, process.stdout.read().decode()[-3000:] if process.poll() is not None else "no answer"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert answer[0] == 200
+    return answer[1]["predictions"]

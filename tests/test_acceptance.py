@@ -13,15 +13,11 @@ The tests run in file order, each on the state the previous one left.
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 import os
-import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from pipeline_repo import REPO, run_command, stages_run
+from pipeline_repo import REPO, run_command, served_predictions, stages_run
 
 pytestmark = [
     pytest.mark.acceptance,
@@ -113,47 +109,10 @@ def test_uas_predict_writes_its_outputs(env: dict[str, str], categories: list[st
 
 
 def test_uas_serve_answers_with_the_evaluated_score(env: dict[str, str], categories: list[str]) -> None:
-    import socket
-
     category = categories[0]
     saved = np.load(REPO / "predictions" / "metauas" / category / "predictions.npz")
     image, evaluated = Path(str(saved["image_path"][-1])), float(saved["pred_score"][-1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        ["uas", "serve", category, "--model", "metauas", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        body = json.dumps(
-            {
-                "dataframe_split": {
-                    "columns": ["image"],
-                    "data": [[base64.b64encode((REPO / image).read_bytes()).decode()]],
-                }
-            }
-        ).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        deadline, answer = time.monotonic() + 180, None
-        while answer is None and time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    answer = (response.status, json.loads(response.read()))
-            except OSError:
-                time.sleep(1)
-        assert answer is not None, process.stdout.read().decode()[-3000:] if process.poll() is not None else "no answer"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    status, predictions = answer
-    assert status == 200
-    (row,) = predictions["predictions"]
+    (row,) = served_predictions(["uas", "serve", category, "--model", "metauas"], [REPO / image], REPO, env)
     assert row["pred_score"] == pytest.approx(evaluated, abs=1e-3)  # ONNX graph against Engine.test's eager forward
     assert row["pred_label"] in (0, 1)
 

@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from pipeline_repo import make_repo, run_command, stages_run
+from pipeline_repo import make_repo, run_command, served_predictions, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -306,3 +306,45 @@ def test_push_pull_and_parameter_sweep(project: tuple[Path, dict[str, str]], tmp
     )
     experiments = run_command(["dvc", "exp", "show", "--json"], root, env)
     assert "seed1" in experiments
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file below ``root``."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_copy_whose_original_moved_away_reproduces_registers_and_serves_inside_itself(
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    import sqlite3
+
+    root, env = project
+    copy, away = tmp_path / "copy", root.with_name(f"{root.name}-away")
+    subprocess.run(["cp", "-a", str(root), str(copy)], check=True)
+    root.rename(away)
+    try:
+        before = _tree(away)
+        params = yaml.safe_load((copy / "params.yaml").read_text())
+        params["evaluate"]["seed"] = 7  # evaluate again, and register: a new version logged in the copy
+        params["registry"]["register"] = True
+        (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        copy_env = {**env, "UAS_WEIGHTS_DIR": str(copy / "empty-cache")}
+        assert "evaluate@metauas" in stages_run(run_command(["dvc", "repro"], copy, copy_env))
+        image = sorted((copy / "data" / "dataset" / "brick" / "test").rglob("*.png"))[0]
+        (row,) = served_predictions(["uas", "serve", "brick"], [image], copy, copy_env)
+        assert 0 <= row["pred_score"] <= 1
+        with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as database:
+            columns = [("experiments", "artifact_location"), ("runs", "artifact_uri")]
+            columns += [("model_versions", "storage_location"), ("logged_models", "artifact_location")]
+            locations = [
+                value
+                for table, column in columns
+                for (value,) in database.execute(f"SELECT {column} FROM {table}")
+                if value and "mlartifacts" in value
+            ]
+        assert locations
+        assert all(str(copy) in value and str(root) not in value for value in locations)
+        assert not root.exists()  # nothing recreated at the original's place
+        assert _tree(away) == before  # nothing written to the original
+    finally:
+        away.rename(root)

@@ -211,3 +211,37 @@ def test_threshold_at_a_target_false_alarm_rate() -> None:
 def test_error_rates_of_a_threshold() -> None:
     rates = error_rates(np.array([0, 0, 0, 0, 1, 1]), np.array([0.1, 0.6, 0.2, 0.3, 0.9, 0.4]), 0.5)
     assert rates == {"FP": 1, "FN": 1, "false_alarm_rate": 0.25, "miss_rate": 0.5}
+
+
+def test_feedback_normals_join_each_models_own_prompt_source(tmp_path: Path) -> None:
+    import yaml
+
+    from anomalib_uas.models import get_spec
+    from anomalib_uas.params import load_params
+    from anomalib_uas.stages.evaluate import build_arguments
+    from anomalib_uas.stages.evaluation_inputs import Feedback
+
+    def images(folder: Path, names: list[str]) -> list[str]:
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_bytes(b"")
+        return [str(folder / name) for name in names]
+
+    train = images(tmp_path / "dataset" / "brick" / "train" / "good", ["000.png", "001.png"])
+    pool = images(tmp_path / "pool", ["a.png", "b.png", "c.png"])  # MetaUAS's many-category pool
+    marked = images(tmp_path / "feedback", ["000.png"])
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["evaluate"].update(prompt_strategy="pool", prompt_source=str(tmp_path / "pool"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    evaluate = load_params(tmp_path / "params.yaml").evaluate
+
+    def arguments(model: str, feedback: Feedback) -> dict:
+        spec = get_spec(model)
+        return build_arguments(spec, spec.evaluation_kwargs(evaluate), tmp_path / "dataset", "brick", feedback)
+
+    with_feedback, without = Feedback(normal=marked, hard=[]), Feedback(normal=[], hard=[])
+    assert arguments("metauas", with_feedback)["prompt_source"] == [*pool, *marked]
+    assert arguments("inctrl", with_feedback)["few_shot_source"] == [*train, *marked]  # not MetaUAS's pool
+    assert arguments("metauas", without)["prompt_source"] == str(tmp_path / "pool")
+    assert "few_shot_source" not in arguments("inctrl", without)
+    assert arguments("faprompt", with_feedback) == get_spec("faprompt").evaluation_kwargs(evaluate)

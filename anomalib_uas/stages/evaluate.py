@@ -45,6 +45,7 @@ from anomalib_uas.curves import error_rates, fpr_threshold, thresholds, write_cu
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import get_spec
 from anomalib_uas.models.loading import load_model
+from anomalib_uas.models.spec import ModelSpec
 from anomalib_uas.params import METRICS, MODEL_NAMES, Params, load_params
 from anomalib_uas.stages import run_stage
 from anomalib_uas.stages.dataset_check import check_dataset
@@ -52,7 +53,7 @@ from anomalib_uas.stages.evaluation_inputs import Feedback, held_out_normals, pr
 from anomalib_uas.stages.outputs import replacing, write_json
 from anomalib_uas.stages.status import Status, model_kwargs, read_status
 
-__all__ = ["RATES", "cli", "main"]
+__all__ = ["RATES", "build_arguments", "cli", "main"]
 
 RATES = ("false_alarm_rate", "miss_rate", "FP", "FN")  # of the image threshold, on the test set
 
@@ -97,6 +98,31 @@ def main(
             metrics = _evaluate(model, params, dataset, status, marks, previous, predictions_out, reports_out)
         write_json(reports_out / "metrics.json", metrics)
     return metrics
+
+
+def build_arguments(
+    spec: ModelSpec, kwargs: dict[str, Any], dataset: Path, category: str, feedback: Feedback
+) -> dict[str, Any]:
+    """A model's arguments for one category: with feedback normals, its own prompt source becomes a pool.
+
+    The pool starts from the model's own prompt source (``kwargs[spec.prompt_pool]``: MetaUAS's
+    ``evaluate.prompt_source`` with the ``pool`` strategy, otherwise the category's ``train/good``) and adds the
+    category's feedback normals, so no model is handed another model's source.
+
+    Args:
+        spec: The model's spec.
+        kwargs: Its evaluation arguments (:func:`~anomalib_uas.stages.status.model_kwargs`).
+        dataset: The dataset folder.
+        category: The category.
+        feedback: The category's feedback.
+
+    Returns:
+        The arguments, with the pool in place of the prompt source when there is one.
+    """
+    if not spec.prompt_pool:
+        return dict(kwargs)
+    pool = prompt_pool(dataset, category, kwargs.get(spec.prompt_pool), feedback)
+    return {**kwargs, spec.prompt_pool: pool} if pool else dict(kwargs)
 
 
 @dataclass(frozen=True)
@@ -160,9 +186,7 @@ def _evaluate(
         shutil.copytree(previous.folder / category, predictions / category)
 
     def build(category: str) -> Any:
-        pool = prompt_pool(dataset, category, params.evaluate.prompt_source, marks[category])
-        pooled = {spec.prompt_pool: pool} if spec.prompt_pool and pool else {}
-        arguments = {**kwargs, **pooled, "visualizer": False}  # the pool replaces the evaluation's prompt source
+        arguments = {**build_arguments(spec, kwargs, dataset, category, marks[category]), "visualizer": False}
         return load_model(model, status.checkpoint_path, status.clip_weights_path, **arguments)
 
     def scored(category: str, prompts: list[str]) -> dict[str, list[str]]:

@@ -85,7 +85,7 @@ def prompt_pool(dataset: Path, category: str, source: str | None, feedback: Feed
     Args:
         dataset: The dataset folder.
         category: The category.
-        source: ``evaluate.prompt_source`` (a folder for the ``pool`` strategy), or ``None`` for ``train/good``.
+        source: The model's own prompt source (a folder of normal images), or ``None`` for ``train/good``.
         feedback: The category's feedback.
 
     Returns:
