@@ -9,7 +9,11 @@ modules (:mod:`anomalib_uas.stages`) with the default paths:
 * ``uas weights MODEL``: train or fetch the model's checkpoint into ``checkpoints/MODEL`` (or record why it is
   skipped);
 * ``uas evaluate MODEL``: ``Engine.test`` on every category; ``reports/MODEL`` and ``predictions/MODEL``;
-* ``uas report``: ``reports/report.md`` and ``reports/report.html``;
+* ``uas calibrate MODEL``: the deployed thresholds from normal images only, with their certified false-alarm bound
+  (``calibration/MODEL``);
+* ``uas register MODEL``: register each calibrated category in MLflow and move the champion aliases
+  (``registered/MODEL``);
+* ``uas report``: ``reports/report.md`` and ``reports/report.html`` (metrics, deployed decisions, error thumbnails);
 * ``uas review``: FiftyOne review datasets of every evaluation, updated in place (``--rebuild`` starts clean);
   ``uas review --launch DATASET [--timeout S]`` serves the App and leaves no process behind;
 * ``uas feedback``: export the images reviewers marked ``feedback:normal`` / ``feedback:hard`` to ``data/feedback``;
@@ -28,7 +32,7 @@ traceback, and its exit code says which kind of failure it was:
 * 130: interrupted (Ctrl-C).
 
 Example:
-    $ uas data && uas weights metauas && uas evaluate metauas && uas report
+    $ uas data && uas weights metauas && uas evaluate metauas && uas calibrate metauas && uas register metauas
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ STAGES = {
     "data": "Build the evaluation dataset (params: data) at data/dataset.",
     "weights": "Train or fetch a model's checkpoint into checkpoints/MODEL.",
     "evaluate": "Engine.test of a model on every category; metrics, curves and predictions.",
-    "report": "Comparison table of all models (reports/report.md and report.html).",
+    "calibrate": "Thresholds of a model from normal images only, with their certified false-alarm bound.",
+    "register": "Register a model's calibrated categories in MLflow (champion aliases).",
+    "report": "Comparison of all models and their deployed decisions (reports/report.md and report.html).",
     "review": "Build the FiftyOne review datasets (--launch DATASET serves the App).",
     "feedback": "Export the images reviewers marked feedback:normal / feedback:hard to data/feedback.",
 }

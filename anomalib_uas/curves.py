@@ -2,15 +2,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Curves and thresholds from saved predictions.
 
-ROC and PR points as CSV for ``dvc plots``; F1-optimal thresholds; the image threshold that reaches a target
-false-alarm rate on held-out normal images, and the false-alarm and miss rates a threshold gives on a test set.
+ROC and PR points as CSV for ``dvc plots``; F1-optimal thresholds (evaluation figures: they use test labels, so
+nothing deployed uses them); the false-alarm and miss rates a threshold gives on a test set.
 
 Example:
     >>> import numpy as np
     >>> f1_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]))
     0.8
-    >>> fpr_threshold(np.array([0.1, 0.2, 0.3, 0.4]), target_fpr=0.25)
-    0.3
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from anomalib_uas.params import METRICS
 
-__all__ = ["error_rates", "f1_threshold", "fpr_threshold", "thresholds", "write_curves"]
+__all__ = ["error_rates", "f1_threshold", "thresholds", "write_curves"]
 
 
 def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -43,27 +41,6 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     precision, recall, cuts = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
     return float(cuts[int(np.argmax(f1[:-1]))])
-
-
-def fpr_threshold(normal_scores: np.ndarray, target_fpr: float) -> float:
-    """The lowest threshold at which at most ``target_fpr`` of the normal images score above it.
-
-    Args:
-        normal_scores: Raw scores of normal images held out of the test set.
-        target_fpr: The false-alarm rate to reach (a score above the threshold is an alarm).
-
-    Returns:
-        The threshold.
-
-    Raises:
-        ValueError: Without normal scores.
-    """
-    if not len(normal_scores):
-        msg = "a false-alarm-rate threshold needs held-out normal images; none were scored"
-        raise ValueError(msg)
-    ordered = np.sort(np.asarray(normal_scores, dtype=np.float64))
-    allowed = int(np.floor(target_fpr * len(ordered) + 1e-9))
-    return float(ordered[len(ordered) - 1 - min(allowed, len(ordered) - 1)])
 
 
 def error_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:

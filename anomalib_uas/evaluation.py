@@ -40,6 +40,7 @@ __all__ = [
     "PredictionRecorder",
     "evaluate_model",
     "format_table",
+    "save_scored",
     "score_images",
 ]
 
@@ -145,11 +146,13 @@ def evaluate_model(
         batch_size: Evaluation batch size.
         build_logger: Returns the Engine logger of a category (e.g. an MLflow logger); no logging when ``None``.
         scored_images: ``(category, prompt_paths) -> {group: image paths}``: images outside the test set that the
-            tested model scores too (held-out normal images for thresholds, reviewer feedback); none when ``None``.
+            tested model scores too (held-out normal images for calibration, reviewer feedback); none when ``None``.
+            They are saved beside the predictions as ``normals.npz`` (``image_path``, ``group``, ``pred_score``,
+            ``map_max``, ``map_min``).
 
     Returns:
-        One row per category with the metrics, ``ms_per_image`` (the test loop's wall time per image), the
-        ``prompt_paths`` the model used and ``scores``: per group of ``scored_images``, the raw scores.
+        One row per category with the metrics, ``ms_per_image`` (the test loop's wall time per image) and the
+        ``prompt_paths`` the model used.
     """
     rows = []
     for category in categories:
@@ -169,16 +172,16 @@ def evaluate_model(
         row = {"category": category, **{name: float(results[name]) for name in METRICS if name in results}}
         row["ms_per_image"] = 1000.0 * recorder.seconds / max(recorder.num_images, 1)
         row["prompt_paths"] = list(getattr(model, "prompt_paths", []))
-        groups = scored_images(category, row["prompt_paths"]) if scored_images is not None else {}
-        row["scores"] = {group: score_images(model, paths, batch_size) for group, paths in groups.items()}
         if predictions_dir is not None:
             recorder.save(Path(predictions_dir) / category / "predictions.npz")
+            groups = scored_images(category, row["prompt_paths"]) if scored_images is not None else {}
+            save_scored(Path(predictions_dir) / category / "normals.npz", model, groups, batch_size)
         rows.append(row)
     return rows
 
 
-def score_images(model: AnomalibModule, paths: Sequence[str | Path], batch_size: int = 8) -> list[float]:
-    """Raw image scores of a model whose prompts are set (after ``Engine.test``), before any normalisation.
+def score_images(model: AnomalibModule, paths: Sequence[str | Path], batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Raw scores and map extremes of a model whose prompts are set (after ``Engine.test``), before normalisation.
 
     Args:
         model: The tested model.
@@ -186,17 +189,44 @@ def score_images(model: AnomalibModule, paths: Sequence[str | Path], batch_size:
         batch_size: Images per forward.
 
     Returns:
-        One raw score per image, in order.
+        ``pred_score``, ``map_max`` and ``map_min`` (the largest and smallest value of each image's anomaly map),
+        float32 arrays in the order of ``paths``.
     """
     from anomalib_uas.data.images import read_image
 
     network, transform = model.model.eval(), model.pre_processor.transform
-    scores: list[float] = []
+    columns: dict[str, list[np.ndarray]] = {"pred_score": [], "map_max": [], "map_min": []}
     for start in range(0, len(paths), batch_size):
         images = torch.stack([transform(read_image(str(path))) for path in paths[start : start + batch_size]])
         with torch.no_grad():
-            scores.extend(float(score) for score in network(images).pred_score.reshape(-1))
-    return scores
+            output = network(images)
+        maps = output.anomaly_map.reshape(len(images), -1).float()
+        columns["pred_score"].append(output.pred_score.reshape(-1).float().numpy())
+        columns["map_max"].append(maps.amax(dim=1).numpy())
+        columns["map_min"].append(maps.amin(dim=1).numpy())
+    return {
+        key: np.concatenate(value).astype(np.float32) if value else np.zeros(0, np.float32)
+        for key, value in columns.items()
+    }
+
+
+def save_scored(path: Path, model: AnomalibModule, groups: dict[str, list[str]], batch_size: int = 8) -> Path:
+    """Score images outside the test set and save them by group (see :func:`evaluate_model`).
+
+    Args:
+        path: Output ``normals.npz``.
+        model: The tested model.
+        groups: Group name -> image files.
+        batch_size: Images per forward.
+
+    Returns:
+        The path.
+    """
+    paths = [str(p) for files in groups.values() for p in files]
+    names = [group for group, files in groups.items() for _ in files]
+    scored = score_images(model, paths, batch_size)
+    np.savez_compressed(path, image_path=np.array(paths, dtype=str), group=np.array(names, dtype=str), **scored)
+    return path
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

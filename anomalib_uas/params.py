@@ -26,6 +26,7 @@ __all__ = [
     "MAX_IMAGE_SIZE",
     "METRICS",
     "MODEL_NAMES",
+    "CalibrateParams",
     "DataParams",
     "EvaluateParams",
     "Params",
@@ -79,6 +80,8 @@ class DataParams(_Section):
     categories: Annotated[list[Category], Field(min_length=1)]
     image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE)] = 256
     seed: int = 0
+    train_normals: Annotated[int, Field(ge=1, le=1000)] = 64
+    test_normals: Annotated[int, Field(ge=1, le=1000)] = 16
     source: str = "datasets/MVTecAD"
     folder: FolderData | None = None
 
@@ -201,7 +204,14 @@ class EvaluateParams(_Section):
     prompt_source: str | None = None
     seed: int = 0
     batch_size: PositiveInt = 8
-    target_fpr: Annotated[float, Field(ge=0, lt=1)] = 0.05
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_calibrate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "target_fpr" in data:
+            msg = "target_fpr moved to its own section: write `calibrate: {target_fpr: ..., confidence: 0.95}`"
+            raise ValueError(msg)
+        return data
 
     @model_validator(mode="after")
     def _pool_has_source(self) -> EvaluateParams:
@@ -209,6 +219,17 @@ class EvaluateParams(_Section):
             msg = "prompt_strategy 'pool' searches a folder of normal images: set evaluate.prompt_source to it"
             raise ValueError(msg)
         return self
+
+
+class CalibrateParams(_Section):
+    """``calibrate``: the false-alarm guarantee the deployed thresholds are set for (normal images only).
+
+    With probability at least ``confidence`` the image threshold's false-alarm rate on new normal parts is at most
+    ``target_fpr`` (:mod:`anomalib_uas.calibration`).
+    """
+
+    target_fpr: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
 
 
 class RegistryParams(_Section):
@@ -227,6 +248,7 @@ class Params(_Section):
     models_config: ModelsConfig = ModelsConfig()
     train: TrainParams
     evaluate: EvaluateParams
+    calibrate: CalibrateParams = CalibrateParams()
     registry: RegistryParams = RegistryParams()
 
     @field_validator("models")

@@ -11,8 +11,9 @@ with its registered image threshold and prompt images. It writes into the output
 later run over a folder that contains it never scores its masks and heatmaps):
 
 * ``predictions.csv``: ``path``, ``score`` (raw), ``label`` (``anomaly`` / ``normal``), ``threshold`` (the raw-score
-  threshold used), ``mask`` and ``heatmap`` (PNG paths, relative to the output folder) and ``error`` (why an image
-  could not be scored; it is skipped, the run goes on);
+  threshold used) and ``threshold_version`` (the registered calibration it belongs to), ``mask`` and ``heatmap``
+  (PNG paths, relative to the output folder) and ``error`` (why an image could not be scored; it is skipped, the
+  run goes on);
 * ``masks/`` and ``heatmaps/``: the predicted mask (0 / 255) and the anomaly map (0-255 for scores 0-1) per image,
   at the model's input view, mirroring the folder's layout;
 * ``flagged.html``: an offline contact sheet (images embedded) of the images labelled ``anomaly``, highest score
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["COLUMNS", "OUTPUT_MARKER", "Inspection", "default_output", "load_scorer", "predict_folder"]
 
-COLUMNS = ("path", "score", "label", "threshold", "mask", "heatmap", "error")
+COLUMNS = ("path", "score", "label", "threshold", "threshold_version", "mask", "heatmap", "error")
 THUMBNAIL = 192
 OUTPUT_MARKER = ".uas-predict"  # in every output folder: its images are never scored again
 _MODEL_URI = re.compile(r"^(models|runs):/")
@@ -210,9 +211,11 @@ def _contact_sheet(rows: list[dict[str, Any]], output: Path, title: str) -> str:
 
 
 def _score(
-    scorer: UASPyfuncModel, images: RequestImages, path: Path, names: tuple[Path, Path], output: Path, threshold: float
+    scorer: UASPyfuncModel, images: RequestImages, path: Path, names: tuple[Path, Path], output: Path
 ) -> dict[str, Any]:
-    row = {"path": str(path), "score": "", "label": "", "threshold": threshold, "mask": "", "heatmap": "", "error": ""}
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(path=str(path), threshold=scorer.config["image_threshold"])
+    row["threshold_version"] = scorer.config["threshold_version"]
     try:
         (result,) = scorer.score([{"image_path": str(path)}], "png", images)
     except BadRequest as exc:
@@ -298,7 +301,7 @@ def predict_folder(
     (output / OUTPUT_MARKER).write_text(f"Written by uas predict ({uri}); uas predict never scores this folder.\n")
     names = _output_names(images, folder)
     rows = [
-        _score(python_model, reader, path, (Path("masks") / name, Path("heatmaps") / name), output, threshold)
+        _score(python_model, reader, path, (Path("masks") / name, Path("heatmaps") / name), output)
         for path, name in tqdm(list(zip(images, names, strict=True)), desc=f"uas predict {category}", unit="img")
     ]
     table = output / "predictions.csv"
@@ -306,7 +309,7 @@ def predict_folder(
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    title = f"{category}: {config['model']} ({uri}), threshold {threshold:.4f}"
+    title = f"{category}: {config['model']} ({uri}), threshold {threshold:.4f} (version {config['threshold_version']})"
     sheet = output / "flagged.html"
     sheet.write_text(_contact_sheet(rows, output, title))
     if review:

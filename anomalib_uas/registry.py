@@ -33,6 +33,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from anomalib_uas import __version__
+from anomalib_uas.calibration import DECISION_KEYS
 from anomalib_uas.weights import sha256sum
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ __all__ = [
     "GRAPH_FROM_TAG",
     "GRAPH_KEY_TAG",
     "RUNTIME_TAG",
+    "THRESHOLD_VERSION_TAG",
     "ServableModel",
     "graph_key",
     "register_model",
@@ -54,6 +56,7 @@ GRAPH_KEY_TAG = "uas.graph_key"
 GRAPH_FROM_TAG = "uas.graph_from"  # the earlier version whose graph a version reuses
 RUNTIME_TAG = "uas.runtime"  # what serves the version: "onnx" (its checked graph) or "eager" (the graph failed)
 GRAPH_CHECK_TAG = "uas.graph_check"  # the graph's differences from the eager model, or why it failed
+THRESHOLD_VERSION_TAG = "uas.threshold_version"  # the calibrated decision the version deploys
 
 
 def registered_name(category: str) -> str:
@@ -76,8 +79,9 @@ class ServableModel:
         model: Model name (``metauas``, ``inctrl``, ``faprompt``).
         category: Dataset category.
         checkpoint: The model checkpoint (official format).
-        config: ``model``, ``category``, ``kwargs`` (model arguments) and the raw-score ``image_threshold`` and
-            ``pixel_threshold``.
+        config: ``model``, ``category``, ``kwargs`` (model arguments) and the calibrated decision
+            (:data:`~anomalib_uas.calibration.DECISION_KEYS`: the raw-score ``image_threshold`` and
+            ``pixel_threshold``, their ``threshold_basis`` and ``threshold_version``).
         example_image: An image of the category, stored as the signature's input example.
         check_images: Further images of the category that the exported graph is checked on (normal and defective
             ones, so that both sides of the thresholds are compared).
@@ -108,7 +112,7 @@ def graph_key(servable: ServableModel) -> str:
     Returns:
         A sha256 hex digest.
     """
-    config = {key: value for key, value in servable.config.items() if key not in ("image_threshold", "pixel_threshold")}
+    config = {key: value for key, value in servable.config.items() if key not in DECISION_KEYS}
     files = [servable.checkpoint, *servable.prompt_paths, *([servable.clip_weights] if servable.clip_weights else [])]
     record = {
         "model": servable.model,
@@ -154,7 +158,8 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
         The new model version.
 
     Raises:
-        ValueError: A prompted model without prompt images, or metrics without the champion metric.
+        ValueError: A prompted model without prompt images, a config without its calibrated decision, or metrics
+            without the champion metric.
     """
     if champion_metric not in metrics:
         msg = f"registry.champion_metric {champion_metric!r} is not among the metrics {sorted(metrics)}: fix it"
@@ -166,8 +171,21 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
     if get_spec(servable.model).takes_prompts and not servable.prompt_paths:
         msg = f"{servable.model} is registered with the prompt images it was evaluated with; none were given."
         raise ValueError(msg)
+    missing = [key for key in DECISION_KEYS if key not in servable.config]
+    if missing:
+        msg = f"{servable.model} {servable.category} has no calibrated {', '.join(missing)}: run its calibrate stage"
+        raise ValueError(msg)
     name = registered_name(servable.category)
-    tags = {"uas.model": servable.model}
+    basis = servable.config["threshold_basis"]
+    tags = {
+        "uas.model": servable.model,
+        THRESHOLD_VERSION_TAG: servable.config["threshold_version"],
+        "uas.certified_fpr": f"{basis['image']['certified_fpr']:.6f}",
+        "uas.threshold_basis": (
+            f"{basis['image']['normals']} normals, target {basis['image']['target_fpr']} at confidence "
+            f"{basis['image']['confidence']}, {'certified' if basis['image']['certified'] else 'not certified'}"
+        ),
+    }
     config = dict(servable.config)
     with tempfile.TemporaryDirectory() as folder:
         staging = Path(folder)

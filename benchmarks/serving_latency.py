@@ -109,10 +109,13 @@ def write_files(model: str, folder: Path) -> tuple[Path, Path | None, dict[str, 
 def register(model: str, folder: Path) -> None:
     """Register ``model`` in ``folder/mlflow.db`` with the code on ``PYTHONPATH`` (run in a subprocess)."""
     from anomalib_uas import registry, tracking
+    from anomalib_uas.calibration import decide
 
     os.chdir(folder)
     checkpoint, clip, kwargs, prompts = write_files(model, folder)
-    config = {"model": model, "category": "bottle", "kwargs": kwargs, "image_threshold": 0.5, "pixel_threshold": 0.5}
+    one_normal = {"group": ["held_out_normal"], "pred_score": [0.5], "map_max": [0.5], "map_min": [0.0]}
+    decision = decide({key: np.asarray(value) for key, value in one_normal.items()}, 0.05, 0.95)
+    config = {"model": model, "category": "bottle", "kwargs": kwargs, **decision}
     servable = registry.ServableModel(
         model=model,
         category="bottle",

@@ -69,6 +69,10 @@ def _evaluation() -> dict[str, Any]:
     return json.loads((REPO / "predictions" / "metauas" / "evaluation.json").read_text())
 
 
+def _calibration() -> dict[str, Any]:
+    return json.loads((REPO / "calibration" / "metauas" / "calibration.json").read_text())["categories"]
+
+
 def test_the_main_job_evaluated_registered_reported_and_reviewed(env: dict[str, str], categories: list[str]) -> None:
     metrics = json.loads((REPO / "reports" / "metauas" / "metrics.json").read_text())
     assert metrics["skipped"] == 0
@@ -77,8 +81,15 @@ def test_the_main_job_evaluated_registered_reported_and_reviewed(env: dict[str, 
     assert all(f"| metauas | {category} |" in report for category in categories)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{REPO / 'mlflow.db'}")
     review = json.loads((REPO / "reports" / "review.json").read_text())
+    calibration = _calibration()
     for category in categories:
+        # the demo certifies 5 % at 95 % from its own normals, and the test rates respect the bound
+        found = calibration[category]
+        assert found["decision"]["threshold_basis"]["image"]["certified"], found["decision"]["threshold_basis"]
+        assert found["test"]["within_bound"], found["test"]
+        assert f"{100 * found['decision']['threshold_basis']['image']['certified_fpr']:.3g} %" in report
         champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-metauas")
+        assert champion.tags["uas.threshold_version"] == found["decision"]["threshold_version"]
         assert champion.tags["uas.runtime"] == "onnx", champion.tags.get("uas.graph_check")
         assert "of its range" in champion.tags["uas.graph_check"]
         saved = np.load(REPO / "predictions" / "metauas" / category / "predictions.npz")
@@ -102,9 +113,11 @@ def test_uas_predict_writes_its_outputs(env: dict[str, str], categories: list[st
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(images)
     assert not any(row["error"] for row in rows)
+    version = _calibration()[categories[0]]["decision"]["threshold_version"]
     for row in rows:
         assert (output / row["mask"]).is_file()
         assert (output / row["heatmap"]).is_file()
+        assert row["threshold_version"] == version
     assert (output / "flagged.html").is_file()
 
 
@@ -114,7 +127,9 @@ def test_uas_serve_answers_with_the_evaluated_score(env: dict[str, str], categor
     image, evaluated = Path(str(saved["image_path"][-1])), float(saved["pred_score"][-1])
     (row,) = served_predictions(["uas", "serve", category, "--model", "metauas"], [REPO / image], REPO, env)
     assert row["pred_score"] == pytest.approx(evaluated, abs=1e-3)  # ONNX graph against Engine.test's eager forward
-    assert row["pred_label"] in (0, 1)
+    decision = _calibration()[category]["decision"]
+    assert row["pred_label"] == int(evaluated > decision["image_threshold"])
+    assert row["threshold_version"] == decision["threshold_version"]
 
 
 def _mark_one_sample(dataset: str, env: dict[str, str]) -> dict[str, Any]:
@@ -162,8 +177,8 @@ def _assert_reviewed_once(state: dict[str, Any], count: int) -> None:
 @pytest.fixture(scope="module")
 def reviewed(env: dict[str, str], categories: list[str]) -> dict[str, Any]:
     """One sample of the category without the most false alarms, tagged with a label attribute and a field."""
-    thresholds = _evaluation()["thresholds"]
-    category = min(categories, key=lambda c: (thresholds[c]["test_FP"], categories.index(c)))
+    calibration = _calibration()
+    category = min(categories, key=lambda c: (calibration[c]["test"]["FP"], categories.index(c)))
     dataset = f"uas-metauas-{category}"
     return {"dataset": dataset, **_mark_one_sample(dataset, env)}
 
@@ -177,15 +192,35 @@ def test_reviewer_work_survives_a_forced_review_and_a_later_repro(
     _assert_reviewed_once(_reviewed_copies(reviewed["dataset"], reviewed["filepath"], env), reviewed["count"])
 
 
+def test_a_more_sensitive_target_recalibrates_without_engine_test(env: dict[str, str]) -> None:
+    """A user asks for more sensitivity: a higher false-alarm target at a lower confidence lowers the thresholds.
+
+    The certified demo thresholds leave few test false alarms; the next test marks some as normal.
+    """
+    before = _calibration()
+    evaluation = (REPO / "predictions" / "metauas" / "evaluation.json").read_bytes()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["calibrate"] = {"target_fpr": 0.3, "confidence": 0.5}
+    (REPO / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(run_command(["dvc", "repro"], REPO, env))
+    assert {"calibrate@metauas", "register@metauas", "report", "review"} <= ran
+    assert not {stage for stage in ran if stage.startswith(("evaluate@", "weights@", "data"))}
+    assert (REPO / "predictions" / "metauas" / "evaluation.json").read_bytes() == evaluation  # no Engine.test
+    after = _calibration()
+    for category, found in after.items():
+        assert found["decision"]["image_threshold"] < before[category]["decision"]["image_threshold"]
+        assert found["previous"]["threshold_version"] == before[category]["decision"]["threshold_version"]
+
+
 def test_false_positives_marked_normal_leave_the_false_positive_count(
     env: dict[str, str], categories: list[str], reviewed: dict[str, Any]
 ) -> None:
     evaluation = _evaluation()
-    before = evaluation["thresholds"]
-    marked = max(categories, key=lambda c: (before[c]["test_FP"], -categories.index(c)))
+    before = _calibration()
+    marked = max(categories, key=lambda c: (before[c]["test"]["FP"], -categories.index(c)))
     earlier = evaluation["feedback"][marked]["normal"]  # feedback normals from earlier marks stay
-    alarms = before[marked]["test_FP"]
-    assert alarms > 0, f"the demo's test false alarms: { {c: before[c]['test_FP'] for c in categories} }"
+    alarms = before[marked]["test"]["FP"]
+    assert alarms > 0, f"the test false alarms: { {c: before[c]['test']['FP'] for c in categories} }"
     tagged = _fiftyone(
         f"""
         from anomalib_uas.feedback import NORMAL_TAG
@@ -197,13 +232,15 @@ def test_false_positives_marked_normal_leave_the_false_positive_count(
     )
     assert len(tagged) == alarms
     ran = stages_run(run_command(["dvc", "repro"], REPO, env))
-    assert {"feedback", "evaluate@metauas", "report", "review"} <= ran
+    assert {"feedback", "evaluate@metauas", "calibrate@metauas", "register@metauas", "report", "review"} <= ran
     assert not {"data", "weights@metauas"} & ran
     after = _evaluation()
     assert after["evaluated"] == [marked]
     assert after["feedback"][marked] == {"normal": earlier + alarms, "hard": 0}
-    assert after["thresholds"][marked]["previous_test_FP"] == alarms
-    assert after["thresholds"][marked]["held_out_normals"] == before[marked]["held_out_normals"] + alarms
+    calibrated = _calibration()[marked]
+    assert calibrated["previous"]["FP"] == alarms
+    normals = before[marked]["decision"]["threshold_basis"]["normals"]
+    assert calibrated["decision"]["threshold_basis"]["normals"]["feedback"] == normals["feedback"] + alarms
     # the marked images are normals of the threshold now, out of the test set and out of the false positives; the
     # feedback normals also join the prompt pool, so the other test images are scored anew
     saved = np.load(REPO / "predictions" / "metauas" / marked / "predictions.npz")
@@ -219,6 +256,6 @@ def test_false_positives_marked_normal_leave_the_false_positive_count(
     )
     assert not set(state["false_positives"]) & set(tagged)
     assert set(tagged) <= set(state["removed"])
-    assert len(state["false_positives"]) == after["thresholds"][marked]["test_FP"]
+    assert len(state["false_positives"]) == calibrated["test"]["FP"]
     _assert_reviewed_once(_reviewed_copies(reviewed["dataset"], reviewed["filepath"], env), reviewed["count"])
     assert stages_run(run_command(["dvc", "repro"], REPO, env)) == {"feedback"}

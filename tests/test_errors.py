@@ -71,6 +71,14 @@ def test_unexpected_stage_failure_is_one_line_and_a_log_file(tmp_path: Path, ver
     metrics = {"categories": {"brick": {"image_AUROC": 0.9}}, "mean": {"image_AUROC": 0.9}}
     (reports / "metrics.json").write_text(json.dumps(metrics))
     (predictions / "evaluation.json").write_text(json.dumps({"weights": "official"}))
+    calibration = {
+        "model": "metauas",
+        "skipped": None,
+        "categories": {},
+        "mean": {"false_alarm_rate": 0.0, "miss_rate": 0.0},
+    }
+    (tmp_path / "calibration" / "metauas").mkdir(parents=True)
+    (tmp_path / "calibration" / "metauas" / "calibration.json").write_text(json.dumps(calibration))
     (reports / "roc.csv").write_text("category,fpr,tpr\nbrick,0.0,0.0\nbrick,0.5")
     result = _uas(["report", *(["-v"] if verbose else [])], tmp_path)
     text = _failure_line(result, "report", r"TypeError: float\(\) argument must be .*'NoneType'", tmp_path)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from decisions import fixed_decision
 
 from anomalib_uas import registry, tracking
 from anomalib_uas.data.images import read_image
@@ -134,7 +135,7 @@ def test_a_version_whose_graph_fails_serves_the_eager_model(
         checkpoint=tmp_path / "metauas.pth",
         prompt_paths=normal[:1],
         config={"model": "metauas", "category": demo_category, "kwargs": kwargs,
-                "image_threshold": 0.5, "pixel_threshold": 0.5},
+                **fixed_decision(0.5, 0.5)},
         example_image=queries[0],
         check_images=tuple(queries[1:3]),
     )  # fmt: skip

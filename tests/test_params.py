@@ -53,6 +53,9 @@ def test_the_project_params_are_valid() -> None:
         ("data", "categories", ["brick", "brick"], "must not repeat"),
         ("data", "categories", ["../etc"], "data.categories.0"),
         ("models_config", "faprompt", {"image_size": 500}, "multiple of 14"),
+        ("calibrate", "target_fpr", 0.0, "greater than 0"),
+        ("calibrate", "confidence", 1.0, "less than 1"),
+        ("data", "train_normals", 0, "greater than or equal to 1"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(
@@ -72,6 +75,13 @@ def test_unknown_key_lists_the_allowed_ones(tmp_path: Path) -> None:
     message = _error(path)
     assert "unknown key evaluate.k_shots" in message
     assert "k_shot" in message.split("allowed:")[1]
+
+
+def test_the_old_target_fpr_key_names_its_new_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, lambda p: p["evaluate"].__setitem__("target_fpr", 0.05))
+    message = _error(path)
+    assert "target_fpr moved to its own section" in message
+    assert "calibrate: {target_fpr" in message
 
 
 def test_pool_needs_its_prompt_source(tmp_path: Path) -> None:

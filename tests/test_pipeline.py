@@ -23,10 +23,11 @@ pytestmark = pytest.mark.slow
 
 
 def _tiny(params: dict[str, Any]) -> None:
-    params["data"].update(categories=["brick", "grass"], image_size=64)
-    # a threshold that half the held-out normals exceed: the 3-step checkpoint's scores are close to noise, so
-    # test normals above it (the false alarms the feedback test marks) do not hinge on one lucky draw
-    params["evaluate"].update(image_size=64, target_fpr=0.5)
+    params["data"].update(categories=["brick", "grass"], image_size=64, train_normals=8, test_normals=4)
+    params["evaluate"].update(image_size=64)
+    # a threshold that about half the held-out normals exceed (the median of 7): the 3-step checkpoint's scores are
+    # close to noise, so test normals above it (the false alarms the feedback test marks) do not hinge on one draw
+    params["calibrate"] = {"target_fpr": 0.5, "confidence": 0.5}
     params["train"]["metauas"].update(image_size=64, max_steps=3, batch_size=2, num_pairs=8)
 
 
@@ -47,7 +48,8 @@ def project(first_repro: tuple[Path, dict[str, str], str]) -> tuple[Path, dict[s
 
 def test_repro_evaluates_skips_and_reports(first_repro: tuple[Path, dict[str, str], str]) -> None:
     root, env, output = first_repro
-    assert {"data", "weights@metauas", "evaluate@metauas", "report", "review"} <= stages_run(output)
+    per_model = {f"{stage}@metauas" for stage in ("weights", "evaluate", "calibrate", "register")}
+    assert {"data", "report", "review", *per_model} <= stages_run(output)
     metrics = json.loads((root / "reports" / "metauas" / "metrics.json").read_text())
     assert metrics["skipped"] == 0
     assert set(metrics["categories"]) == {"brick", "grass"}
@@ -73,9 +75,16 @@ def test_repro_evaluates_skips_and_reports(first_repro: tuple[Path, dict[str, st
     review = json.loads((root / "reports" / "review.json").read_text())
     assert review["uas-metauas-brick"]["samples"] == len(saved["pred_score"])
 
+    calibration = json.loads((root / "calibration" / "metauas" / "calibration.json").read_text())
+    decision = calibration["categories"]["brick"]["decision"]
+    assert decision["threshold_basis"]["normals"] == {"held_out": 7, "feedback": 0}  # 8 train images, 1 prompt
+    assert calibration["categories"]["brick"]["test"]["normal"] == 4
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("anomalib-uas-brick", "champion")
     assert champion.tags["uas.model"] == "metauas"
+    assert champion.tags["uas.threshold_version"] == decision["threshold_version"]
+    registered = json.loads((root / "registered" / "metauas" / "registered.json").read_text())
+    assert registered["categories"]["brick"]["version"] == champion.version
     assert float(champion.tags["pixel_AUPRO"]) == pytest.approx(metrics["categories"]["brick"]["pixel_AUPRO"], abs=1e-6)
     experiment = client.get_experiment_by_name("anomalib-uas").experiment_id
     training = client.search_runs([experiment], "tags.`uas.stage` = 'train'")[0]
@@ -111,9 +120,38 @@ def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: t
     params["registry"]["register"] = False  # checked by the first repro; the later ones skip the ONNX exports
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_run(run_command(["dvc", "repro"], root, env))
-    assert "evaluate@metauas" in ran
-    assert "report" in ran
+    assert {"evaluate@metauas", "calibrate@metauas", "register@metauas", "report"} <= ran
     assert not {"data", "weights@metauas"} & ran
+
+
+def test_a_new_target_recalibrates_registers_and_reviews_without_engine_test(
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    root, env = project
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("anomalib-uas").experiment_id
+    evaluations = len(client.search_runs([experiment], "tags.`uas.stage` = 'evaluate'"))
+    before = json.loads((root / "calibration" / "metauas" / "calibration.json").read_text())["categories"]
+    with _restored(root, tmp_path, "calibration", "registered", "reports", "review"):
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["calibrate"]["target_fpr"] = 0.2
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = stages_run(run_command(["dvc", "repro"], root, env))
+        after = json.loads((root / "calibration" / "metauas" / "calibration.json").read_text())["categories"]
+        summary = json.loads((root / "reports" / "review.json").read_text())
+    models = ("metauas", "inctrl", "faprompt")
+    assert ran == {"feedback", "report", "review", *(f"{s}@{m}" for s in ("calibrate", "register") for m in models)}
+    assert len(client.search_runs([experiment], "tags.`uas.stage` = 'evaluate'")) == evaluations  # no Engine.test
+    for category in ("brick", "grass"):
+        decision = after[category]["decision"]
+        assert decision["threshold_basis"]["image"]["target_fpr"] == 0.2
+        assert decision["image_threshold"] >= before[category]["decision"]["image_threshold"]
+        assert after[category]["previous"]["threshold_version"] == before[category]["decision"]["threshold_version"]
+        newest = max(
+            client.search_model_versions(f"name='anomalib-uas-{category}'"), key=lambda version: int(version.version)
+        )
+        assert newest.tags["uas.threshold_version"] == decision["threshold_version"]
+        assert summary[f"uas-metauas-{category}"]["FP"] == after[category]["test"]["FP"]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -244,14 +282,14 @@ def test_feedback_normals_lower_the_false_positives_of_their_category(
     from anomalib_uas.review import F, fo
 
     root, env = project
-    evaluation = root / "predictions" / "metauas" / "evaluation.json"
-    before = json.loads(evaluation.read_text())["thresholds"]
+    calibration = root / "calibration" / "metauas" / "calibration.json"
+    before = json.loads(calibration.read_text())["categories"]
     # the category with more false alarms gets the feedback, the other one none
-    marked = max(before, key=lambda category: before[category]["test_FP"])
+    marked = max(before, key=lambda category: before[category]["test"]["FP"])
     dataset = fo.load_dataset(f"uas-metauas-{marked}")
     false_positives = dataset.match(F("eval") == "FP")
-    assert len(false_positives) == before[marked]["test_FP"] > 0
-    with _restored(root, tmp_path, "data/feedback", "predictions", "reports", "review"):
+    assert len(false_positives) == before[marked]["test"]["FP"] > 0
+    with _restored(root, tmp_path, "data/feedback", "predictions", "calibration", "registered", "reports", "review"):
         false_positives.tag_samples(NORMAL_TAG)
         try:
             _assert_feedback_is_used(root, env, before, marked)
@@ -263,10 +301,12 @@ def _assert_feedback_is_used(root: Path, env: dict[str, str], before: dict[str, 
     (other,) = set(before) - {marked}
     evaluation = root / "predictions" / "metauas" / "evaluation.json"
     untouched = (root / "predictions" / "metauas" / other / "predictions.npz").read_bytes()
-    alarms = before[marked]["test_FP"]
+    alarms = before[marked]["test"]["FP"]
+    registered = root / "registered" / "metauas" / "registered.json"
+    versions = json.loads(registered.read_text())["categories"]
 
     ran = stages_run(run_command(["dvc", "repro"], root, env))
-    assert {"feedback", "evaluate@metauas", "report", "review"} <= ran
+    assert {"feedback", "evaluate@metauas", "calibrate@metauas", "register@metauas", "report", "review"} <= ran
     assert not {"data", "weights@metauas"} & ran
     assert len(list((root / "data" / "feedback" / marked / "normal").iterdir())) == alarms
     provenance = json.loads((root / "data" / "feedback" / marked / "provenance.json").read_text())
@@ -274,18 +314,25 @@ def _assert_feedback_is_used(root: Path, env: dict[str, str], before: dict[str, 
     after = json.loads(evaluation.read_text())
     assert (after["evaluated"], after["reused"]) == ([marked], [other])  # the category with feedback only
     assert after["feedback"][marked] == {"normal": alarms, "hard": 0}
-    assert after["thresholds"][marked]["previous_test_FP"] == alarms
-    assert after["thresholds"][marked]["test_FP"] < alarms
-    assert after["thresholds"][other] == before[other]
+    calibrated = json.loads((root / "calibration" / "metauas" / "calibration.json").read_text())["categories"]
+    assert calibrated[marked]["decision"]["threshold_basis"]["normals"]["feedback"] == alarms  # they recalibrate
+    assert calibrated[marked]["previous"]["FP"] == alarms
+    assert calibrated[marked]["test"]["FP"] < alarms
+    assert calibrated[other] == before[other]
+    now = json.loads(registered.read_text())["categories"]
+    assert now[other] == versions[other]  # same evaluation and decision: no new version
+    assert int(now[marked]["version"]) > int(versions[marked]["version"])
+    assert now[marked]["threshold_version"] == calibrated[marked]["decision"]["threshold_version"]
     assert (root / "predictions" / "metauas" / other / "predictions.npz").read_bytes() == untouched
     saved = np.load(root / "predictions" / "metauas" / marked / "predictions.npz")
     tested = len(list((root / "data" / "dataset" / marked / "test").rglob("*.png")))
     assert len(saved["pred_score"]) == tested - alarms  # feedback images held out
     assert all(str(path).startswith(f"data/dataset/{marked}/test/") for path in saved["image_path"])
     report = (root / "reports" / "report.md").read_text()
-    row = next(line for line in report.splitlines() if line.startswith(f"| metauas | {marked} | target_fpr"))
+    recalibration = report.split("Recalibration with feedback")[1]
+    row = next(line for line in recalibration.splitlines() if line.startswith(f"| metauas | {marked} |"))
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
-    assert cells[3:5] == [str(alarms), str(after["thresholds"][marked]["test_FP"])]
+    assert cells[4] == f"{alarms} -> {calibrated[marked]['test']['FP']}"  # false positives before and after
     assert stages_run(run_command(["dvc", "repro"], root, env)) == {"feedback"}
 
 

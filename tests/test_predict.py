@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from decisions import fixed_decision
 from PIL import Image
 
 from anomalib_uas import registry, tracking
@@ -57,7 +58,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_c
             checkpoint=root / "metauas.pth",
             prompt_paths=normal[:1],
             config={"model": "metauas", "category": demo_category, "kwargs": KWARGS,
-                    "image_threshold": threshold, "pixel_threshold": 0.5},
+                    **fixed_decision(threshold, 0.5)},
             example_image=normal[0],
         )  # fmt: skip
         with tracking.stage_run("evaluate", "metauas", {"evaluate": {"k_shot": 1}}):
@@ -122,6 +123,7 @@ def test_predict_writes_table_maps_contact_sheet_and_review_dataset(registered: 
         score = float(row["score"])
         assert score == pytest.approx(reference[row["path"]], abs=1e-5)
         assert float(row["threshold"]) == pytest.approx(threshold)
+        assert row["threshold_version"] == fixed_decision(threshold, 0.5)["threshold_version"]
         assert row["label"] == ("anomaly" if score > threshold else "normal")
         mask = np.asarray(Image.open(output / row["mask"]))
         assert mask.shape == (64, 64)

@@ -17,6 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from decisions import fixed_decision
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from anomalib_uas import registry, tracking
@@ -59,7 +60,7 @@ def _register(repo: Path, demo_root: Path, category: str, metric: float, thresho
         checkpoint=repo / "checkpoints" / "metauas.pth",
         prompt_paths=normal[:1],
         config={"model": "metauas", "category": category, "kwargs": KWARGS,
-                "image_threshold": threshold, "pixel_threshold": 0.5},
+                **fixed_decision(threshold, 0.5)},
         example_image=queries[0],
         check_images=(queries[-1],),
     )  # fmt: skip

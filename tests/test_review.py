@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -25,17 +26,45 @@ from PIL import Image
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import MetaUAS
 from anomalib_uas.review import (
+    HEATMAP_COLORSCALE,
+    NEAR_THRESHOLD_MIN,
     SAVED_VIEWS,
     F,
     build_review_dataset,
     canonical_path,
+    deployed_decision,
     fo,
     launch_review,
     media_stem,
+    near_threshold_band,
     serve_review,
 )
+from anomalib_uas.stages import review as review_stage
+from anomalib_uas.stages.status import Status
 
 pytestmark = pytest.mark.slow
+
+
+def _decision(
+    image_threshold: float,
+    pixel_threshold: float = 0.5,
+    heatmap_range: tuple[float, float] = (0.0, 1.0),
+    version: str = "0123456789ab",
+) -> dict:
+    """A deployed decision as the calibrate stage writes it (``categories[c]["decision"]`` of calibration.json)."""
+    basis = {"threshold": image_threshold, "rank": 3, "normals": 3, "target_fpr": 0.05, "confidence": 0.95,
+             "certified_fpr": 0.63, "certified": False, "normals_needed": 59}  # fmt: skip
+    return {
+        "image_threshold": image_threshold,
+        "pixel_threshold": pixel_threshold,
+        "threshold_version": version,
+        "threshold_basis": {
+            "image": basis,
+            "pixel": {**basis, "threshold": pixel_threshold},
+            "normals": {"held_out": 3, "feedback": 0},
+            "heatmap_range": list(heatmap_range),
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +86,7 @@ def review(evaluation: Path, demo_category: str):
     threshold = float(np.median(saved["pred_score"][saved["gt_label"] == 0]))  # half the normal images are FPs
     embeddings = np.random.default_rng(0).normal(size=(len(saved["pred_score"]), 8))
     dataset = build_review_dataset(
-        "metauas", demo_category, evaluation, image_threshold=threshold, pixel_threshold=0.5,
+        "metauas", demo_category, evaluation, _decision(threshold),
         embeddings=embeddings, prompt_paths=["prompt.png"], mlflow_run_id="run-1",
         rebuild=True,  # the pipeline tests of this session may have left a dataset of that name
     )  # fmt: skip
@@ -102,6 +131,7 @@ def test_labels_masks_heatmaps_and_provenance(review) -> None:
     assert Path(sample.anomaly_map.map_path).is_file()
     assert dataset.info["mlflow_run_id"] == "run-1"
     assert dataset.info["prompt_images"] == ["prompt.png"]
+    assert dataset.info["threshold_version"] == "0123456789ab"
 
 
 def test_similarity_search_uses_the_given_embeddings(review) -> None:
@@ -186,7 +216,7 @@ def test_reviewer_work_survives_re_runs_and_removed_images_go_to_a_view(
 ) -> None:
     saved = np.load(evaluation)
     threshold = float(np.median(saved["pred_score"]))
-    arguments = {"image_threshold": threshold, "pixel_threshold": 0.5, "media_dir": tmp_path / "media"}
+    arguments = {"decision": _decision(threshold), "media_dir": tmp_path / "media"}
     dataset = build_review_dataset("persist", demo_category, evaluation, **arguments)
     try:
         normal = dataset.match(F("ground_truth.label") == "normal")
@@ -238,7 +268,7 @@ def test_datasets_built_before_keyed_samples_keep_their_tags(evaluation: Path, d
     sample.tags.append("feedback:hard")
     sample.save()
     try:
-        dataset = build_review_dataset("legacy", demo_category, evaluation, image_threshold=0.5, pixel_threshold=0.5)
+        dataset = build_review_dataset("legacy", demo_category, evaluation, _decision(0.5))
         assert len(dataset) == len(saved["image_path"])
         assert dataset.match_tags("feedback:hard").count() == 1
     finally:
@@ -373,7 +403,7 @@ def test_relative_absolute_and_symlinked_image_paths_are_one_sample(
     )
     assert all(Path(str(path)).is_file() for path in np.load(linked)["image_path"])
     threshold = float(np.median(saved["pred_score"][saved["gt_label"] == 0]))
-    arguments = {"image_threshold": threshold, "pixel_threshold": 0.5, "media_dir": tmp_path / "media"}
+    arguments = {"decision": _decision(threshold), "media_dir": tmp_path / "media"}
     count = len(saved["image_path"])
     dataset = build_review_dataset("relpaths", demo_category, relative, rebuild=True, **arguments)
     try:
@@ -405,7 +435,7 @@ def test_duplicates_left_by_earlier_versions_are_merged_into_the_reviewed_copy(
 ) -> None:
     saved = np.load(evaluation)
     threshold = float(np.median(saved["pred_score"][saved["gt_label"] == 0]))
-    arguments = {"image_threshold": threshold, "pixel_threshold": 0.5, "media_dir": tmp_path / "media"}
+    arguments = {"decision": _decision(threshold), "media_dir": tmp_path / "media"}
     model = f"dupes-{reviewed}"
     dataset = build_review_dataset(model, demo_category, evaluation, rebuild=True, **arguments)
     try:
@@ -458,3 +488,201 @@ def test_duplicates_left_by_earlier_versions_are_merged_into_the_reviewed_copy(
         assert dataset.match_tags(["feedback:normal", "checked"]).values("id") == [kept.id]
     finally:
         dataset.delete()
+
+
+def _synthetic(
+    folder: Path, scores: list[float], labels: list[int], maps: list[np.ndarray] | None = None, side: int = 4
+) -> Path:
+    """Predictions of made-up images (the files exist), with the given scores, labels and float16 maps."""
+    count = len(scores)
+    maps = maps if maps is not None else [np.full((side, side), 0.1 * (i % 10)) for i in range(count)]
+    paths = []
+    for index, label in enumerate(labels):
+        path = folder / "images" / ("defect" if label else "good") / f"{index:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((side, side, 3), 40 * (index % 6), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    masks = np.zeros((count, side, side), dtype=bool)
+    masks[np.asarray(labels, dtype=bool), : side // 2, : side // 2] = True
+    predictions = folder / "predictions.npz"
+    np.savez(
+        predictions,
+        image_path=np.array(paths),
+        gt_label=np.asarray(labels, dtype=np.int64),
+        pred_score=np.asarray(scores, dtype=np.float32),
+        anomaly_map=np.stack(maps).astype(np.float16),
+        gt_mask=masks,
+    )
+    return predictions
+
+
+def _png(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_labels_and_masks_are_drawn_above_the_deployed_thresholds(tmp_path: Path) -> None:
+    at, above = 0.5, float(np.nextafter(np.float32(0.5), np.float32(1)))
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 0.5  # exactly the pixel threshold: not masked
+    heat[0, 1] = float(np.nextafter(np.float16(0.5), np.float16(1)))  # the next float16 above it: masked
+    predictions = _synthetic(tmp_path, [at, above], [0, 1], [heat, heat])
+    decision = _decision(0.5, pixel_threshold=0.5, version="feedbeefcafe")
+    dataset = build_review_dataset("deployed", "synthetic", predictions, decision, media_dir=tmp_path / "media")
+    try:
+        by_score = dataset.sort_by("anomaly_score")
+        assert by_score.values("prediction.label") == ["normal", "anomaly"]  # a score at the threshold is normal
+        masked = _png(by_score.first().pred_mask.mask_path) > 0
+        expected = np.zeros((4, 4), dtype=bool)
+        expected[0, 1] = True
+        np.testing.assert_array_equal(masked, expected)
+        info = dataset.info
+        assert info["threshold_version"] == "feedbeefcafe"
+        assert (info["image_threshold"], info["pixel_threshold"]) == (0.5, 0.5)
+        assert info["threshold_basis"] == decision["threshold_basis"]
+        assert info["heatmap_range"] == [0.0, 1.0]
+    finally:
+        dataset.delete()
+
+
+def test_a_decision_without_its_heatmap_range_is_refused() -> None:
+    decision = _decision(0.5)
+    del decision["threshold_basis"]["heatmap_range"]
+    with pytest.raises(ValueError, match="heatmap_range"):
+        deployed_decision(decision)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        deployed_decision(_decision(0.5, heatmap_range=(1.0, 0.0)))
+
+
+def test_heatmaps_share_one_fixed_colour_range(tmp_path: Path) -> None:
+    # a normal image whose map stays low and a defect whose map goes far above the threshold: per-image min-max
+    # scaling would paint both maxima 255
+    quiet = np.tile(np.linspace(0.0, 0.5, 4), (4, 1))
+    loud = np.tile(np.linspace(0.0, 2.0, 4), (4, 1))
+    quiet[3, 3] = loud[3, 3] = 0.25  # one raw value in both images
+    predictions = _synthetic(tmp_path, [0.1, 0.9], [0, 1], [quiet, loud])
+    decision = _decision(0.5, pixel_threshold=0.5, heatmap_range=(0.0, 1.0))  # the pixel threshold mid-scale
+    dataset = build_review_dataset("fixedrange", "synthetic", predictions, decision, media_dir=tmp_path / "media")
+    try:
+        quiet_sample, loud_sample = dataset.sort_by("anomaly_score")
+        shown = {}
+        for sample, raw in ((quiet_sample, quiet), (loud_sample, loud)):
+            assert sample.anomaly_map.range == [0, 255]
+            shown[sample.id] = png = _png(sample.anomaly_map.map_path)
+            stored = raw.astype(np.float16).astype(np.float64)
+            np.testing.assert_array_equal(png, (np.clip(stored, 0.0, 1.0) * 255).round().astype(np.uint8))
+        quiet_png, loud_png = shown[quiet_sample.id], shown[loud_sample.id]
+        assert quiet_png.max() == 128  # its largest value is the pixel threshold: mid-scale, not full heat
+        assert loud_png.max() == 255
+        assert quiet_png[3, 3] == loud_png[3, 3] == 64  # the same raw value, the same colour
+    finally:
+        dataset.delete()
+
+
+def test_the_app_shows_the_heatmap_and_keeps_the_reviewers_settings(tmp_path: Path) -> None:
+    predictions = _synthetic(tmp_path, [0.2, 0.4, 0.6, 0.8], [0, 0, 1, 1])
+    arguments = {"decision": _decision(0.5), "media_dir": tmp_path / "media"}
+    dataset = build_review_dataset("appconfig", "synthetic", predictions, rebuild=True, **arguments)
+    try:
+        config = fo.load_dataset(dataset.name).app_config  # as stored
+        assert {"ground_truth", "prediction", "anomaly_map"} <= set(config.active_fields.paths)
+        assert not config.active_fields.exclude
+        scales = [scale for scale in config.color_scheme.colorscales if scale["path"] == "anomaly_map"]
+        assert [scale["list"] for scale in scales] == [HEATMAP_COLORSCALE]
+        assert config.color_scheme.color_by == "value"
+
+        sample = dataset.first()
+        sample["verdict"] = fo.Classification(label="scratch")  # a reviewer's label field
+        sample.save()
+        dataset.app_config.color_scheme.opacity = 0.3  # a reviewer's App setting
+        dataset.app_config.color_scheme.color_by = "field"
+        dataset.save()
+        dataset = build_review_dataset("appconfig", "synthetic", predictions, **arguments)
+        config = fo.load_dataset(dataset.name).app_config
+        assert {"ground_truth", "prediction", "anomaly_map", "verdict"} <= set(config.active_fields.paths)
+        assert config.color_scheme.opacity == pytest.approx(0.3)
+        assert config.color_scheme.color_by == "field"
+        assert [scale["path"] for scale in config.color_scheme.colorscales].count("anomaly_map") == 1
+    finally:
+        dataset.delete()
+
+
+def test_near_threshold_band_takes_the_nearest_ranks_on_each_side() -> None:
+    tiny = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert near_threshold_band(tiny, 0.44) == (0.2, 0.7, NEAR_THRESHOLD_MIN)
+    assert near_threshold_band(tiny, 0.4) == (0.2, 0.7, NEAR_THRESHOLD_MIN)  # a score at the threshold is below it
+    assert near_threshold_band(tiny, 0.05) == (0.05, 0.3, NEAR_THRESHOLD_MIN)  # nothing below: the threshold
+    assert near_threshold_band(tiny[:2], 5.0) == (0.1, 5.0, NEAR_THRESHOLD_MIN)  # fewer than m: all of them
+    real = np.arange(400) / 400  # 5 % of 400: 20 per side
+    lower, upper, per_side = near_threshold_band(real, 0.5)
+    assert per_side == 20
+    assert ((real >= lower) & (real <= 0.5)).sum() == 20
+    assert ((real > 0.5) & (real <= upper)).sum() == 20
+
+
+def test_near_threshold_view_holds_the_current_samples_nearest_to_the_threshold(tmp_path: Path) -> None:
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.45]  # the last one leaves on the second run
+    labels = [0, 0, 0, 0, 1, 0, 1, 1, 1, 1, 0]
+    first = _synthetic(tmp_path / "first", scores, labels)
+    arguments = {"decision": _decision(0.44), "media_dir": tmp_path / "media"}
+    dataset = build_review_dataset("near", "synthetic", first, rebuild=True, **arguments)
+    try:
+        near = dataset.load_saved_view("near_threshold")
+        # 0.4, 0.3, 0.2 at or below 0.44; 0.45, 0.5, 0.6 above it
+        assert near.values("anomaly_score") == pytest.approx([0.45, 0.4, 0.5, 0.3, 0.6, 0.2])
+        leaving = near.first().id
+
+        saved = np.load(first)
+        second = tmp_path / "second.npz"
+        np.savez(second, **{key: saved[key][:-1] for key in saved.files})
+        dataset = build_review_dataset("near", "synthetic", second, **arguments)
+        near = dataset.load_saved_view("near_threshold")
+        assert near.values("anomaly_score") == pytest.approx([0.4, 0.5, 0.3, 0.6, 0.2, 0.7])  # nearest first
+        assert leaving not in near.values("id")
+        assert dataset.load_saved_view("removed").values("id") == [leaving]
+        assert dataset.info["near_threshold"]["per_side"] == NEAR_THRESHOLD_MIN
+        assert dataset.info["near_threshold"]["scores"] == pytest.approx([0.2, 0.7])
+    finally:
+        dataset.delete()
+
+
+def test_the_stage_reviews_at_the_calibrated_decision_and_skips_uncalibrated_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    category = "stagecheck"
+    models = ["calibrated", "uncalibrated", "unready"]
+    params = SimpleNamespace(models=models, data=SimpleNamespace(categories=[category]))
+    monkeypatch.setattr(review_stage, "load_params", lambda path: params)
+    monkeypatch.setattr(review_stage, "read_status", lambda folder: Status(folder, ready=folder.name != "unready"))
+    monkeypatch.setattr(review_stage, "model_kwargs", lambda model, status, params: {})
+    monkeypatch.setattr(review_stage, "load_model", lambda *args, **kwargs: object())
+    monkeypatch.setattr(review_stage, "embeddings", lambda module, paths: np.eye(len(paths), 4))
+    predictions, calibration = tmp_path / "predictions", tmp_path / "calibration"
+    for model in models[:2]:
+        _synthetic(predictions / model / category, [0.2, 0.3, 0.6, 0.7], [0, 0, 0, 1])
+        evaluation = {"weights": "", "mlflow_run_id": "run-9", "prompt_paths": {category: ["prompt.png"]}}
+        (predictions / model / "evaluation.json").write_text(json.dumps(evaluation))  # no thresholds any more
+    (calibration / "calibrated").mkdir(parents=True)
+    (calibration / "uncalibrated").mkdir()
+    calibrated = {"model": "calibrated", "skipped": None, "categories": {category: {"decision": _decision(0.5)}}}
+    (calibration / "calibrated" / "calibration.json").write_text(json.dumps(calibrated))
+    skipped = {"model": "uncalibrated", "skipped": "too few normals", "categories": {}}
+    (calibration / "uncalibrated" / "calibration.json").write_text(json.dumps(skipped))
+    summary = tmp_path / "reports" / "review.json"
+    paths = ["--params", str(tmp_path / "params.yaml"), "--checkpoints", str(tmp_path / "checkpoints"),
+             "--predictions", str(predictions), "--calibration", str(calibration), "--media", str(tmp_path / "media"),
+             "--summary", str(summary)]  # fmt: skip
+    name = f"uas-calibrated-{category}"
+    try:
+        assert review_stage.cli(paths) == 0
+        # at the deployed threshold 0.5 the normal image scored 0.6 is the one false alarm; the defect is found
+        assert json.loads(summary.read_text()) == {name: {"FP": 1, "FN": 0, "samples": 4}}
+        assert fo.load_dataset(name).info["threshold_version"] == "0123456789ab"
+        assert not fo.dataset_exists(f"uas-uncalibrated-{category}")
+
+        (calibration / "uncalibrated" / "calibration.json").unlink()  # a ready model must have been calibrated
+        assert review_stage.cli(paths) == 2
+        assert json.loads(summary.read_text()) == {name: {"FP": 1, "FN": 0, "samples": 4}}  # left as it was
+    finally:
+        for model in models:
+            if fo.dataset_exists(f"uas-{model}-{category}"):
+                fo.delete_dataset(f"uas-{model}-{category}")

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from decisions import fixed_decision
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -107,8 +108,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_c
                 "model": model,
                 "category": demo_category,
                 "kwargs": KWARGS[model],
-                "image_threshold": 0.5,
-                "pixel_threshold": 0.5,
+                **fixed_decision(0.5, 0.5),
             },
             example_image=normal[0],
         )
@@ -239,6 +239,7 @@ def test_pyfunc_equals_the_model(
         assert anomaly_map.shape == (MAP_SIZE[model], MAP_SIZE[model])
         np.testing.assert_allclose(anomaly_map, expected.anomaly_map[0].numpy(), atol=1e-5)
         assert row["pred_label"] == int(row["pred_score"] > 0.5)
+        assert row["threshold_version"] == fixed_decision(0.5, 0.5)["threshold_version"]
         mask, exact = np.array(json.loads(row["pred_mask"])), expected.anomaly_map[0].numpy()
         clear = np.abs(exact - 0.5) > 1e-4  # the pixel threshold is 0.5; the map is sent rounded
         assert np.array_equal(mask[clear], (exact[clear] > 0.5).astype(int))

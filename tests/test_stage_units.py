@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from anomalib_uas.curves import error_rates, f1_threshold, fpr_threshold, thresholds, write_curves
+from anomalib_uas.curves import error_rates, f1_threshold, thresholds, write_curves
 from anomalib_uas.models.components.clip_files import ClipModelFiles
 from anomalib_uas.stages.outputs import replacing
 from anomalib_uas.weights import WeightsError, WeightsNotFoundError
@@ -196,16 +196,6 @@ def test_serving_an_unregistered_category_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("uas serve: error: no registered model anomalib-uas-nope@")
     assert "Traceback" not in result.stderr
-
-
-def test_threshold_at_a_target_false_alarm_rate() -> None:
-    normal = np.linspace(0.0, 0.99, 100)
-    threshold = fpr_threshold(normal, 0.05)
-    assert (normal > threshold).mean() == pytest.approx(0.05)
-    assert (normal > fpr_threshold(normal, 0.0)).sum() == 0
-    assert fpr_threshold(np.array([0.3]), 0.5) == 0.3
-    with pytest.raises(ValueError, match="held-out normal images"):
-        fpr_threshold(np.array([]), 0.05)
 
 
 def test_error_rates_of_a_threshold() -> None:

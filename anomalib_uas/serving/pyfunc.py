@@ -2,12 +2,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """The MLflow pyfunc model: registered models that are served over REST and scored in process or with Spark.
 
-A registered version holds, as artifacts, the model checkpoint, the CLIP weights of InCTRL and FAPrompt, the
-normal prompt images of MetaUAS and InCTRL, a JSON config (model name, category, model arguments, image and pixel
-thresholds on the raw scores) and the exported ONNX graph of the model with those prompts
-(:func:`~anomalib_uas.serving.runtime.export_graph`). The package itself is a code dependency; nothing is
-downloaded at load time. Queries with the registered prompts run through the graph, micro-batched across
-concurrent requests; a row with its own prompt images runs the eager model.
+A registered version holds, as artifacts, the model checkpoint, the CLIP weights of InCTRL and FAPrompt, the normal
+prompt images of MetaUAS and InCTRL, a JSON config (model name, category, model arguments and the calibrated decision:
+image and pixel thresholds on the raw scores, their basis and version, see :mod:`anomalib_uas.calibration`) and the
+exported ONNX graph of the model with those prompts (:func:`~anomalib_uas.serving.runtime.export_graph`). The package
+itself is a code dependency; nothing is downloaded at load time. Queries with the registered prompts run through the
+graph, micro-batched across concurrent requests; a row with its own prompt images runs the eager model.
 
 The config records the sha256 of the graph's files (key ``graph_sha256``). Loading refuses a graph that is not the
 registered one (overwritten, truncated) or that ONNX Runtime cannot read, with a
@@ -22,8 +22,9 @@ Rows (``dataframe_split``):
   of the same object that replace the registered prompts for that row. Zero-shot models refuse them.
 
 Parameter ``map_format``: ``"png"`` (default, base64 8-bit PNG), ``"array"`` (nested lists of floats) or ``"none"``.
-Response columns: ``pred_score`` (raw), ``pred_label`` (1 = anomalous, at the registered threshold),
-``anomaly_map`` and ``pred_mask`` (base64 PNG or arrays) at the model's input size. Bad input raises
+Response columns: ``pred_score`` (raw), ``pred_label`` (1 = anomalous, at the registered image threshold),
+``anomaly_map`` and ``pred_mask`` (base64 PNG or arrays, the mask at the registered pixel threshold) at the model's
+input size, and ``threshold_version``, the calibrated decision that drew the label and the mask. Bad input raises
 :class:`~anomalib_uas.serving.limits.BadRequest` in :meth:`UASPyfuncModel.score` (the REST status) and
 ``MlflowException(INVALID_PARAMETER_VALUE)`` in :meth:`UASPyfuncModel.predict`.
 
@@ -93,7 +94,7 @@ __all__ = [
 COLUMNS = ("image", "image_path", "prompt_images")
 GRAPH_DIGESTS = "graph_sha256"  # config key: the sha256 of each graph file, by name, recorded at registration
 MAP_FORMATS = ("png", "array", "none")
-OUTPUT_COLUMNS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+OUTPUT_COLUMNS = ("pred_score", "pred_label", "anomaly_map", "pred_mask", "threshold_version")
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -109,6 +110,7 @@ SIGNATURE = ModelSignature(
             ColSpec(DataType.long, "pred_label"),
             ColSpec(DataType.string, "anomaly_map"),
             ColSpec(DataType.string, "pred_mask"),
+            ColSpec(DataType.string, "threshold_version"),
         ]
     ),
     params=ParamSchema([ParamSpec("map_format", DataType.string, "png")]),
@@ -287,7 +289,7 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
             params: ``map_format``: ``"png"``, ``"array"`` or ``"none"``.
 
         Returns:
-            ``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask`` per row.
+            ``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``, ``threshold_version`` per row.
 
         Raises:
             MlflowException: For bad input.
@@ -414,4 +416,5 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
             "pred_label": int(score > self.config["image_threshold"]),
             "anomaly_map": encoded_map,
             "pred_mask": encoded_mask,
+            "threshold_version": self.config["threshold_version"],
         }

@@ -7,8 +7,9 @@ and passes it on the command line) and a ``cli`` that parses them. Every stage r
 first, checks its inputs, writes into a staging folder and replaces its outputs only on success
 (:mod:`anomalib_uas.stages.outputs`): on any failure the previous outputs are intact.
 
-Data flows one way, each stage reading only what the stage before it wrote: ``data`` -> ``weights@<model>`` ->
-``evaluate@<model>`` -> ``report`` and ``review``.
+Data flows one way, each stage reading only what the stages before it wrote: ``data`` -> ``weights@<model>`` ->
+``evaluate@<model>`` (scores) -> ``calibrate@<model>`` (thresholds from normal images only) -> ``register@<model>``
+(MLflow), and ``report`` and ``review`` on the evaluations and calibrations.
 
 A stage, and every other ``uas`` command, ends in one line on stderr when it fails (:func:`guarded`): exit code 2
 for bad input (the line names the fix), 1 for an unexpected failure (the line names the log file that holds the

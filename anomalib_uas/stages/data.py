@@ -42,7 +42,14 @@ def main(params_file: Path, output: Path) -> Path:
         if data.dataset == "demo":
             from anomalib_uas.data.demo import generate_demo_dataset
 
-            generate_demo_dataset(staging, categories=data.categories, image_size=data.image_size, seed=data.seed)
+            generate_demo_dataset(
+                staging,
+                categories=data.categories,
+                image_size=data.image_size,
+                num_train=data.train_normals,
+                num_test_good=data.test_normals,
+                seed=data.seed,
+            )
         elif data.dataset == "folder":
             _copy_folder_dataset(data.folder, data.categories[0], staging)
         else:

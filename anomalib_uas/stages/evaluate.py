@@ -1,24 +1,25 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Stage ``evaluate@<model>``: ``Engine.test`` on every category; metrics, curves, predictions, registration.
+"""Stage ``evaluate@<model>``: ``Engine.test`` on every category; metrics, curves and saved predictions.
 
-Outputs: ``<predictions>/<category>/predictions.npz`` (raw scores and maps, see :mod:`anomalib_uas.evaluation`) and
-``<predictions>/evaluation.json`` (the weights' description or the reason the model was skipped, thresholds,
-prompt images, MLflow run id); ``<reports>/metrics.json`` and the ROC, PR and per-category CSVs.
-Every evaluated model is registered in MLflow per category (:mod:`anomalib_uas.registry`).
+Outputs: ``<predictions>/<category>/predictions.npz`` (raw scores and maps of the test set, see
+:mod:`anomalib_uas.evaluation`), ``<predictions>/<category>/normals.npz`` (the raw scores and map extremes of the
+images outside the test set: held-out normals and reviewers' feedback) and ``<predictions>/evaluation.json`` (the
+weights' description or the reason the model was skipped, prompt images, feedback counts, MLflow run id);
+``<reports>/metrics.json`` and the ROC, PR and per-category CSVs.
 
-Thresholds, per category: the image threshold reaches ``evaluate.target_fpr`` on normal images held out of the test
-set (the category's ``train/good`` images that were not prompts, and the reviewers' feedback normals), and its
-false-alarm and miss rates on the test set are reported with the previous evaluation's false positives; the
-F1-optimal image threshold is recorded beside it. The registered model and the server use the target-rate threshold.
+This stage scores; it sets no threshold and registers nothing. ``calibrate@<model>`` sets the thresholds from the
+saved normal images' scores (:mod:`anomalib_uas.stages.calibrate`), ``register@<model>`` registers the result, so
+that changing the calibration parameters never runs ``Engine.test`` again.
+
+The held-out normal images are the category's ``train/good`` images that were not prompts, and the reviewers'
+feedback normals (``data/feedback``, see :mod:`anomalib_uas.stages.evaluation_inputs`). Feedback images are held
+out of the test metrics and scored separately; feedback normals also join the prompt pool of the models that take
+prompts.
 
 A category whose inputs (code, weights, parameters, images, feedback: a fingerprint in ``evaluation.json``) are
-those of the previous evaluation keeps its previous predictions, metrics and registered version; only the other
-categories are tested again (feedback for one category re-evaluates that category only).
-
-Reviewers' feedback (``data/feedback``, see :mod:`anomalib_uas.stages.evaluation_inputs`) is held out of the test
-metrics and reported separately (feedback normals still alarming, hard cases still missed); feedback normals join
-the prompt pool of the models that take prompts.
+those of the previous evaluation keeps its previous predictions and metrics; only the other categories are tested
+again (feedback for one category re-evaluates that category only).
 
 The dataset is checked before anything runs (:mod:`anomalib_uas.stages.dataset_check`: a missing category, an empty
 ``good`` folder, a hidden or unreadable image file are one line each); the outputs are replaced only when every
@@ -40,8 +41,8 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from anomalib_uas import registry, tracking
-from anomalib_uas.curves import error_rates, fpr_threshold, thresholds, write_curves
+from anomalib_uas import tracking
+from anomalib_uas.curves import write_curves
 from anomalib_uas.evaluation import evaluate_model
 from anomalib_uas.models import get_spec
 from anomalib_uas.models.loading import load_model
@@ -53,9 +54,7 @@ from anomalib_uas.stages.evaluation_inputs import Feedback, held_out_normals, pr
 from anomalib_uas.stages.outputs import replacing, write_json
 from anomalib_uas.stages.status import Status, model_kwargs, read_status
 
-__all__ = ["RATES", "build_arguments", "cli", "main"]
-
-RATES = ("false_alarm_rate", "miss_rate", "FP", "FN")  # of the image threshold, on the test set
+__all__ = ["build_arguments", "cli", "main"]
 
 
 def main(
@@ -145,18 +144,14 @@ class _Previous:
         return (
             self.evaluation.get("fingerprints", {}).get(category) == fingerprint
             and category in self.metrics.get("categories", {})
-            and (self.folder / category / "predictions.npz").is_file()
+            and all((self.folder / category / name).is_file() for name in ("predictions.npz", "normals.npz"))
         )
-
-    def false_positives(self, category: str) -> int | None:
-        """The category's false positives at the previous image threshold."""
-        return self.evaluation.get("thresholds", {}).get(category, {}).get("test_FP")
 
 
 def _fingerprint(category: str, dataset: Path, status: Status, params: Params, feedback: Feedback) -> str:
     """What a category's evaluation depends on: code, weights, parameters, its images and its feedback."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([status.to_json(), params.evaluate.model_dump(), params.as_dict()["registry"]]).encode())
+    digest.update(json.dumps([status.to_json(), params.evaluate.model_dump()]).encode())
     weights = [status.checkpoint_path, *([status.clip_weights_path] if status.clip_weights_path else [])]
     files = [*sorted(Path(__file__).parents[1].rglob("*.py")), *weights]
     files += sorted(path for path in (dataset / category).rglob("*") if path.is_file())
@@ -182,7 +177,7 @@ def _evaluate(
     fingerprints = {c: _fingerprint(c, dataset, status, params, marks[c]) for c in categories}
     reused = [category for category in categories if previous.reusable(category, fingerprints[category])]
     fresh = [category for category in categories if category not in reused]
-    for category in reused:  # same inputs as last time: keep its predictions, metrics and registered version
+    for category in reused:  # same inputs as last time: keep its predictions and metrics
         shutil.copytree(previous.folder / category, predictions / category)
 
     def build(category: str) -> Any:
@@ -190,11 +185,7 @@ def _evaluate(
         return load_model(model, status.checkpoint_path, status.clip_weights_path, **arguments)
 
     def scored(category: str, prompts: list[str]) -> dict[str, list[str]]:
-        return {
-            "held_out_normal": held_out_normals(dataset, category, prompts, marks[category]),
-            "feedback_normal": marks[category].normal,
-            "feedback_hard": marks[category].hard,
-        }
+        return {**held_out_normals(dataset, category, prompts, marks[category]), "feedback_hard": marks[category].hard}
 
     with tracking.stage_run("evaluate", model, params.as_dict()) as run, tempfile.TemporaryDirectory() as view:
         rows = evaluate_model(
@@ -208,21 +199,11 @@ def _evaluate(
             scored_images=scored,
         )
         saved = {category: _saved(predictions / category / "predictions.npz", view, dataset) for category in categories}
-        found = {
-            row["category"]: _thresholds(saved[row["category"]], row["scores"], params.evaluate.target_fpr)
-            for row in rows
-        }
-        for row in rows:
-            row.update({key: found[row["category"]][f"test_{key}"] for key in RATES})
-            if previous.false_positives(row["category"]) is not None:
-                found[row["category"]]["previous_test_FP"] = previous.false_positives(row["category"])
-        registered = list(rows)
         for category in reused:
-            found[category] = previous.evaluation["thresholds"][category]
             prompts = previous.evaluation["prompt_paths"][category]
             rows.append({"category": category, **previous.metrics["categories"][category], "prompt_paths": prompts})
         rows.sort(key=lambda row: categories.index(row["category"]))
-        columns = [*METRICS, *RATES, "ms_per_image"]
+        columns = [*METRICS, "ms_per_image"]
         per_category = {row["category"]: {c: row[c] for c in columns if c in row} for row in rows}
         metrics = {
             "skipped": 0,
@@ -241,7 +222,6 @@ def _evaluate(
             {
                 "weights": status.description,
                 "mlflow_run_id": run.info.run_id,
-                "thresholds": found,
                 "prompt_paths": {row["category"]: row["prompt_paths"] for row in rows},
                 "feedback": {c: {"normal": len(marks[c].normal), "hard": len(marks[c].hard)} for c in categories},
                 "fingerprints": fingerprints,
@@ -253,23 +233,6 @@ def _evaluate(
         for category, values in per_category.items():
             mlflow.log_metrics({f"{category}.{k}": v for k, v in values.items()})
         _log_artifacts(model, metrics, reports, predictions)
-        if params.registry.register_models:
-            for row in registered:
-                category = row["category"]
-                registry.register_model(
-                    registry.ServableModel(
-                        model=model,
-                        category=category,
-                        checkpoint=status.checkpoint_path,
-                        clip_weights=status.clip_weights_path,
-                        prompt_paths=[Path(p) for p in row["prompt_paths"]],
-                        config={"model": model, "category": category, "kwargs": kwargs, **found[category]},
-                        example_image=Path(str(saved[category]["image_path"][0])),
-                        check_images=_check_images(saved[category]),
-                    ),
-                    per_category[category],
-                    params.registry.champion_metric,
-                )
     return metrics
 
 
@@ -283,34 +246,6 @@ def _saved(path: Path, view: str, dataset: Path) -> dict[str, np.ndarray]:
         saved["image_path"] = np.array(mapped)
         np.savez_compressed(path, **saved)
     return saved
-
-
-def _check_images(saved: dict[str, np.ndarray], per_label: int = 2) -> tuple[Path, ...]:
-    """Test images the exported graph is checked on besides the first: the first normal and defective ones."""
-    paths, labels = saved["image_path"], saved["gt_label"]
-    chosen = [index for label in (0, 1) for index in np.flatnonzero(labels == label)[:per_label] if index != 0]
-    return tuple(Path(str(paths[index])) for index in chosen)
-
-
-def _thresholds(saved: dict[str, np.ndarray], scores: dict[str, list[float]], target_fpr: float) -> dict[str, Any]:
-    """The image threshold at the target false-alarm rate, its test rates, and how the feedback images score.
-
-    Without held-out normal images the F1-optimal threshold is used.
-    """
-    f1 = thresholds(saved)
-    normal = np.asarray(scores["held_out_normal"])
-    image = fpr_threshold(normal, target_fpr) if len(normal) else f1["image_threshold"]
-    rates = error_rates(saved["gt_label"], saved["pred_score"], image)
-    return {
-        "image_threshold": image,
-        "image_threshold_f1": f1["image_threshold"],
-        "pixel_threshold": f1["pixel_threshold"],
-        "threshold_basis": f"target_fpr {target_fpr}" if len(normal) else "F1 (no held-out normal images)",
-        "held_out_normals": len(normal),
-        "feedback_normal_alarms": int((np.asarray(scores["feedback_normal"]) > image).sum()),
-        "feedback_hard_missed": int((np.asarray(scores["feedback_hard"]) <= image).sum()),
-        **{f"test_{key}": value for key, value in rates.items()},
-    }
 
 
 def _log_artifacts(model: str, metrics: dict[str, Any], reports: Path, predictions: Path) -> None:

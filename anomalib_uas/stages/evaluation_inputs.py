@@ -4,7 +4,7 @@
 
 Reviewers' feedback (``data/feedback/<category>/{normal,hard}``, written by the ``feedback`` stage) changes all
 three: feedback images are held out of the test split (they are scored and reported separately), feedback normals
-join the normal images that set the image threshold and the pool prompts are drawn or retrieved from.
+join the normal images that calibrate the thresholds and the pool prompts are drawn or retrieved from.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def read_feedback(folder: Path, category: str) -> Feedback:
     return Feedback(**kinds)
 
 
-def held_out_normals(dataset: Path, category: str, prompts: list[str], feedback: Feedback) -> list[str]:
-    """Normal images outside the test split that are not prompts: ``train/good`` and the feedback normals.
+def held_out_normals(dataset: Path, category: str, prompts: list[str], feedback: Feedback) -> dict[str, list[str]]:
+    """The normal images outside the test split that were not prompts, which calibrate the thresholds.
 
     Args:
         dataset: The dataset folder.
@@ -72,11 +72,14 @@ def held_out_normals(dataset: Path, category: str, prompts: list[str], feedback:
         feedback: The category's feedback.
 
     Returns:
-        Image paths.
+        ``held_out_normal`` (``train/good``) and ``feedback_normal`` image paths, prompts left out.
     """
     used = {str(Path(path).resolve()) for path in prompts}
-    normal = [str(path) for path in list_images(dataset / category / "train" / "good")]
-    return [path for path in [*normal, *feedback.normal] if str(Path(path).resolve()) not in used]
+    train = [str(path) for path in list_images(dataset / category / "train" / "good")]
+    return {
+        "held_out_normal": [path for path in train if str(Path(path).resolve()) not in used],
+        "feedback_normal": [path for path in feedback.normal if str(Path(path).resolve()) not in used],
+    }
 
 
 def prompt_pool(dataset: Path, category: str, source: str | None, feedback: Feedback) -> list[str] | None:

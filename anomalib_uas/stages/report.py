@@ -1,8 +1,9 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Stage ``report``: the comparison table of models x categories x metrics, as Markdown and an offline HTML page.
+"""Stage ``report``: models x categories x metrics and the deployed decisions, as Markdown and an offline HTML page.
 
-It reads the evaluate stages' outputs, writes ``report.md`` and ``report.html`` and logs both to an MLflow run.
+It reads the evaluate and calibrate stages' outputs, writes ``report.md`` and ``report.html`` and logs both to an
+MLflow run.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from anomalib_uas.stages.outputs import replacing
 __all__ = ["cli", "main"]
 
 
-def main(params_file: Path, reports: Path, predictions: Path, markdown: Path, page: Path) -> str:
+def main(params_file: Path, reports: Path, predictions: Path, calibration: Path, markdown: Path, page: Path) -> str:
     """Write the report.
 
     Args:
         params_file: ``params.yaml`` (``models``).
         reports: The reports folder (``<model>/metrics.json``, ``<model>/roc.csv``).
-        predictions: The predictions folder (``<model>/evaluation.json`` and predictions).
+        predictions: The predictions folder (``<model>/evaluation.json``, ``<model>/<category>/predictions.npz``
+            and ``normals.npz``).
+        calibration: The calibration folder (``<model>/calibration.json``).
         markdown: The Markdown report to write.
         page: The HTML report to write.
 
@@ -36,7 +39,7 @@ def main(params_file: Path, reports: Path, predictions: Path, markdown: Path, pa
         The Markdown text.
     """
     params = load_params(params_file)
-    text, html = render_report(params.models, reports, predictions)
+    text, html = render_report(params.models, reports, predictions, calibration)
     with replacing(markdown, page) as (markdown_out, page_out):
         markdown_out.write_text(text)
         page_out.write_text(html)
@@ -47,7 +50,7 @@ def main(params_file: Path, reports: Path, predictions: Path, markdown: Path, pa
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """``uas report``: write the comparison report.
+    """``uas report``: write the report.
 
     Args:
         argv: Arguments.
@@ -55,15 +58,16 @@ def cli(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code.
     """
-    parser = argparse.ArgumentParser(prog="uas report", description="Comparison report of every model.")
+    parser = argparse.ArgumentParser(prog="uas report", description="Report of every model and its decisions.")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="Parameters file (%(default)s).")
     parser.add_argument("--reports", type=Path, default=Path("reports"), help="Reports folder (%(default)s).")
     parser.add_argument("--predictions", type=Path, default=Path("predictions"), help="Predictions (%(default)s).")
+    parser.add_argument("--calibration", type=Path, default=Path("calibration"), help="Calibration (%(default)s).")
     parser.add_argument("--markdown", type=Path, default=Path("reports/report.md"), help="Output (%(default)s).")
     parser.add_argument("--html", type=Path, default=Path("reports/report.html"), help="Output (%(default)s).")
 
     def run(args: argparse.Namespace) -> str:
-        text = main(args.params, args.reports, args.predictions, args.markdown, args.html)
+        text = main(args.params, args.reports, args.predictions, args.calibration, args.markdown, args.html)
         return f"{text}\nReport: {args.markdown} and {args.html}"
 
     return run_stage("report", parser, run, argv)
