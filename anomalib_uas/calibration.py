@@ -52,6 +52,7 @@ __all__ = [
     "clopper_pearson",
     "decide",
     "exceedance_probability",
+    "heatmap_png",
     "normals_needed",
     "read_calibration",
 ]
@@ -237,3 +238,18 @@ def read_calibration(calibration: Path) -> dict[str, Any]:
     """
     path = calibration / CALIBRATION_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def heatmap_png(anomaly_map: np.ndarray, heatmap_range: Sequence[float]) -> np.ndarray:
+    """The 8-bit heatmap values of a raw anomaly map on a decision's fixed colour range (``heatmap_range``).
+
+    Args:
+        anomaly_map: Raw map values.
+        heatmap_range: ``[lo, hi]``; ``lo`` and below become 0, ``hi`` and above 255.
+
+    Returns:
+        ``uint8`` values ``round(255 * clip((map - lo) / (hi - lo), 0, 1))`` (a step at ``lo`` when ``hi == lo``).
+    """
+    lo, hi = (float(value) for value in heatmap_range)
+    unit = (np.asarray(anomaly_map, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+    return (np.clip(unit, 0.0, 1.0) * 255.0).round().astype(np.uint8)

@@ -14,8 +14,9 @@ later run over a folder that contains it never scores its masks and heatmaps):
   threshold used) and ``threshold_version`` (the registered calibration it belongs to), ``mask`` and ``heatmap``
   (PNG paths, relative to the output folder) and ``error`` (why an image could not be scored; it is skipped, the
   run goes on);
-* ``masks/`` and ``heatmaps/``: the predicted mask (0 / 255) and the anomaly map (0-255 for scores 0-1) per image,
-  at the model's input view, mirroring the folder's layout;
+* ``masks/`` and ``heatmaps/``: the predicted mask (0 / 255) and the anomaly map per image, at the model's input
+  view, mirroring the folder's layout; the heatmaps share the registered decision's fixed colour range (its pixel
+  threshold at 128), as in the review datasets;
 * ``flagged.html``: an offline contact sheet (images embedded) of the images labelled ``anomaly``, highest score
   first, each with its heatmap overlay.
 
@@ -34,6 +35,7 @@ import base64
 import csv
 import html
 import io
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from anomalib_uas import registry, tracking
+from anomalib_uas.calibration import heatmap_png
 from anomalib_uas.data.images import list_images
 from anomalib_uas.serving.decoding import RequestImages
 from anomalib_uas.serving.limits import DEFAULT_MAX_MEGAPIXELS, BadRequest, Limits
@@ -217,14 +220,16 @@ def _score(
     row.update(path=str(path), threshold=scorer.config["image_threshold"])
     row["threshold_version"] = scorer.config["threshold_version"]
     try:
-        (result,) = scorer.score([{"image_path": str(path)}], "png", images)
+        (result,) = scorer.score([{"image_path": str(path)}], "array", images)
     except BadRequest as exc:
         row["error"] = exc.message.splitlines()[0]
         logger.warning("Skipping %s: %s", path, row["error"])
         return row
-    for column, name in zip(("pred_mask", "anomaly_map"), names, strict=True):
+    mask = np.asarray(json.loads(result["pred_mask"]), dtype=np.uint8) * 255
+    heat = heatmap_png(np.asarray(json.loads(result["anomaly_map"])), scorer.config["threshold_basis"]["heatmap_range"])
+    for array, name in zip((mask, heat), names, strict=True):
         (output / name).parent.mkdir(parents=True, exist_ok=True)
-        (output / name).write_bytes(base64.b64decode(result[column]))
+        Image.fromarray(array).save(output / name)
     score = float(result["pred_score"])
     label = "anomaly" if int(result["pred_label"]) == 1 else "normal"
     row.update(score=score, label=label, mask=names[0].as_posix(), heatmap=names[1].as_posix())
@@ -232,7 +237,7 @@ def _score(
 
 
 def _add_to_review(rows: list[dict[str, Any]], output: Path, category: str, model: str, uri: str) -> str:
-    from anomalib_uas.review import F, classification, fo, predict_dataset_name, upsert_samples
+    from anomalib_uas.review import F, classification, fo, predict_dataset_name, show_heatmap, upsert_samples
 
     name = predict_dataset_name(category)
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
@@ -253,6 +258,7 @@ def _add_to_review(rows: list[dict[str, Any]], output: Path, category: str, mode
     upsert_samples(dataset, records)
     dataset.info = {**dataset.info, "category": category, "kind": "predict"}
     dataset.mask_targets = {"pred_mask": {255: "anomaly"}}
+    show_heatmap(dataset)
     dataset.save()
     flagged = dataset.match(F("prediction.label") == "anomaly").sort_by("anomaly_score", reverse=True)
     dataset.save_view("flagged", flagged, overwrite=True)

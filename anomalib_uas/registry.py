@@ -5,8 +5,8 @@
 :func:`register_model` logs a category's model as a self-contained pyfunc (:mod:`anomalib_uas.serving.pyfunc`), with
 the exported ONNX graph it serves, and registers it as a version of ``anomalib-uas-<category>``;
 :func:`update_champion` keeps the aliases ``champion`` (best version over all models) and ``champion-<model>`` (each
-model's best) on a chosen metric. An alias moves only to a version whose metric is finite and strictly better than
-the current holder's; a version whose metric tag is not a number (edited by hand) is skipped with a warning.
+model's best) on a chosen metric: the best finite metric, and between equal metrics the holding model's newest
+version (its newest decision); a version whose metric tag is not a number (edited by hand) is skipped with a warning.
 
 Example:
     >>> from anomalib_uas.registry import registered_name
@@ -242,12 +242,16 @@ def register_model(servable: ServableModel, metrics: dict[str, float], champion_
 
 
 def update_champion(name: str, metric: str) -> str | None:
-    """Move ``champion`` and each ``champion-<model>`` to a better version, if there is one.
+    """Point ``champion`` and each ``champion-<model>`` at the best version, the newest decision of its model.
 
-    An alias moves only to a version whose ``metric`` tag is finite and strictly higher than that of the version the
-    alias points at (ties keep the current holder); a version with a non-finite metric never holds an alias. A tag
-    that is not a number (edited in the MLflow UI) counts as no metric, with a warning naming the version and the
-    tag: until the tag is fixed the version takes no alias, and one it holds goes to any version with a metric.
+    An alias goes to a version whose ``metric`` tag is finite and highest. Between versions of equal metric it stays
+    with the model that holds it (or, when none does, the model that reached the best first) and goes to that
+    model's newest version: the register stage registers a version only when the model's evaluation or its
+    calibrated decision changed, so the newest one at an equal metric carries the decision to deploy (a new
+    ``calibrate.target_fpr``, feedback normals). Another model's equal metric never takes an alias. A version with a
+    non-finite metric never holds an alias. A tag that is not a number (edited in the MLflow UI) counts as no
+    metric, with a warning naming the version and the tag: until the tag is fixed the version takes no alias, and
+    one it holds goes to any version with a metric.
 
     Args:
         name: Registered-model name.
@@ -270,13 +274,15 @@ def update_champion(name: str, metric: str) -> str | None:
     ]:
         if not candidates:
             continue
-        best = max(candidates, key=lambda v: (scored[v][0], -int(v)))  # the first version that reached the best
+        best = max(scored[v][0] for v in candidates)
+        leaders = [v for v in candidates if scored[v][0] == best]
         current = version_of(name, alias)
-        if current not in scored or scored[best][0] > scored[current][0]:
-            client.set_registered_model_alias(name, alias, best)
-            current = best
+        holder = current if current in leaders else min(leaders, key=int)  # the first version that reached the best
+        newest = max((v for v in leaders if scored[v][1] == scored[holder][1]), key=int)
+        if newest != current:
+            client.set_registered_model_alias(name, alias, newest)
         if alias == "champion":
-            champion = current
+            champion = newest
     return champion
 
 

@@ -93,6 +93,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from anomalib_uas.calibration import heatmap_png
+
 
 def _import_fiftyone() -> ModuleType:
     """Import FiftyOne past a metadata incompatibility of its ``voxel51-eta`` dependency.
@@ -148,12 +150,12 @@ __all__ = [
     "dataset_name",
     "delete_review_datasets",
     "deployed_decision",
-    "heatmap_png",
     "launch_review",
     "media_stem",
     "near_threshold_band",
     "predict_dataset_name",
     "serve_review",
+    "show_heatmap",
     "upsert_samples",
 ]
 
@@ -238,21 +240,6 @@ def deployed_decision(decision: Mapping[str, Any]) -> DeployedDecision:
         msg = f"the calibrated decision needs finite thresholds and a heatmap range lo <= hi: {dict(decision)}"
         raise ValueError(msg)
     return DeployedDecision(*thresholds, str(decision["threshold_version"]), (lo, hi), dict(basis))
-
-
-def heatmap_png(anomaly_map: np.ndarray, heatmap_range: Sequence[float]) -> np.ndarray:
-    """The heatmap PNG values of a raw anomaly map, on the fixed colour range of the dataset.
-
-    Args:
-        anomaly_map: Raw map values.
-        heatmap_range: ``[lo, hi]``; ``lo`` and below become 0, ``hi`` and above 255.
-
-    Returns:
-        ``uint8`` values ``round(255 * clip((map - lo) / (hi - lo), 0, 1))`` (a step at ``lo`` when ``hi == lo``).
-    """
-    lo, hi = (float(value) for value in heatmap_range)
-    unit = (np.asarray(anomaly_map, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
-    return (np.clip(unit, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def near_threshold_band(scores: Sequence[float] | np.ndarray, threshold: float) -> tuple[float, float, int]:
@@ -626,13 +613,13 @@ def build_review_dataset(
         "mlflow_run_id": mlflow_run_id or "",
     }
     dataset.mask_targets = {"gt_mask": {255: "anomaly"}, "pred_mask": {255: "anomaly"}}
-    _show_heatmap(dataset)
+    show_heatmap(dataset)
     dataset.save()
     _evaluate(dataset, ids, embeddings, deployed.image_threshold, (lower, upper))
     return dataset
 
 
-def _show_heatmap(dataset: Any) -> None:
+def show_heatmap(dataset: Any) -> None:
     """Make the App show the heatmap by default, with its colour scale; the dataset's other App settings stay.
 
     The active fields are those already set (unless they list excluded fields), FiftyOne's defaults (every label
@@ -642,7 +629,7 @@ def _show_heatmap(dataset: Any) -> None:
     dataset.
 
     Args:
-        dataset: The review dataset, with its fields declared.
+        dataset: A review or ``uas predict`` dataset, with its fields declared.
     """
     config = dataset.app_config
     previous = config.active_fields

@@ -207,9 +207,12 @@ def test_a_more_sensitive_target_recalibrates_without_engine_test(env: dict[str,
     assert not {stage for stage in ran if stage.startswith(("evaluate@", "weights@", "data"))}
     assert (REPO / "predictions" / "metauas" / "evaluation.json").read_bytes() == evaluation  # no Engine.test
     after = _calibration()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{REPO / 'mlflow.db'}")
     for category, found in after.items():
         assert found["decision"]["image_threshold"] < before[category]["decision"]["image_threshold"]
         assert found["previous"]["threshold_version"] == before[category]["decision"]["threshold_version"]
+        champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-metauas")
+        assert champion.tags["uas.threshold_version"] == found["decision"]["threshold_version"]  # served from now
 
 
 def test_false_positives_marked_normal_leave_the_false_positive_count(
@@ -240,7 +243,8 @@ def test_false_positives_marked_normal_leave_the_false_positive_count(
     calibrated = _calibration()[marked]
     assert calibrated["previous"]["FP"] == alarms
     normals = before[marked]["decision"]["threshold_basis"]["normals"]
-    assert calibrated["decision"]["threshold_basis"]["normals"]["feedback"] == normals["feedback"] + alarms
+    prompted = sum("/feedback/" in path for path in after["prompt_paths"][marked])  # a prompt does not calibrate
+    assert calibrated["decision"]["threshold_basis"]["normals"]["feedback"] == normals["feedback"] + alarms - prompted
     # the marked images are normals of the threshold now, out of the test set and out of the false positives; the
     # feedback normals also join the prompt pool, so the other test images are scored anew
     saved = np.load(REPO / "predictions" / "metauas" / marked / "predictions.npz")

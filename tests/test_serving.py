@@ -261,6 +261,27 @@ def test_pyfunc_equals_the_model(
         pyfunc.predict(pd.DataFrame({"image": [queries[-1].read_bytes()], "prompt_images": [[]]}))
 
 
+def test_a_version_registered_before_calibration_serves_its_thresholds_unversioned(
+    registered: dict, demo_root: Path, demo_category: str, tmp_path: Path
+) -> None:
+    """A registry from before the calibrate stage: a config with thresholds only still serves, labelled unversioned."""
+    from anomalib_uas.serving.pyfunc import UNVERSIONED
+
+    mlflow.set_tracking_uri(registered["uri"])
+    uri = f"models:/{registry.registered_name(demo_category)}@champion-metauas"
+    folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    (config_file,) = folder.rglob("config.json")
+    config = json.loads(config_file.read_text())
+    for key in ("threshold_version", "threshold_basis"):
+        del config[key]
+    config_file.write_text(json.dumps(config))
+    query = _queries(demo_root, demo_category)[-1]
+    result = mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame({"image": [query.read_bytes()]}))
+    row = result.iloc[0]
+    assert row["threshold_version"] == UNVERSIONED
+    assert row["pred_label"] == int(row["pred_score"] > config["image_threshold"])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -132,7 +132,9 @@ def registry_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> mlflow.Ml
     return mlflow.MlflowClient()
 
 
-def test_champion_moves_only_on_a_strictly_better_finite_metric(registry_store: mlflow.MlflowClient) -> None:
+def test_champion_is_the_best_finite_metric_and_its_models_newest_decision(
+    registry_store: mlflow.MlflowClient,
+) -> None:
     from anomalib_uas.registry import update_champion, version_of
 
     client, name = registry_store, "anomalib-uas-unit"
@@ -148,13 +150,17 @@ def test_champion_moves_only_on_a_strictly_better_finite_metric(registry_store: 
     assert version_of(name, "champion") is None
     first = add("metauas", 0.5)
     assert update_champion(name, "pixel_AUPRO") == first
-    add("metauas", 0.5)  # a tie keeps the champion
-    assert update_champion(name, "pixel_AUPRO") == first
+    recalibrated = add("metauas", 0.5)  # the same model at an equal metric: its newer decision deploys
+    assert update_champion(name, "pixel_AUPRO") == recalibrated
+    assert version_of(name, "champion-metauas") == recalibrated
+    add("inctrl", 0.5)  # another model's equal metric takes no alias from the holder
     add("inctrl", math.inf)
-    assert update_champion(name, "pixel_AUPRO") == first
+    assert update_champion(name, "pixel_AUPRO") == recalibrated
     better = add("inctrl", 0.7)
     assert update_champion(name, "pixel_AUPRO") == better
-    assert version_of(name, "champion-metauas") == first
+    worse = add("metauas", 0.4)
+    assert update_champion(name, "pixel_AUPRO") == better
+    assert version_of(name, "champion-metauas") == recalibrated != worse
     assert version_of(name, "champion-inctrl") == better
     assert nan not in {version_of(name, alias) for alias in ("champion", "champion-metauas", "champion-inctrl")}
 

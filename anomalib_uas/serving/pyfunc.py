@@ -84,6 +84,7 @@ __all__ = [
     "MAP_FORMATS",
     "OUTPUT_COLUMNS",
     "SIGNATURE",
+    "UNVERSIONED",
     "Cancelled",
     "UASPyfuncModel",
     "export_servable",
@@ -95,6 +96,9 @@ COLUMNS = ("image", "image_path", "prompt_images")
 GRAPH_DIGESTS = "graph_sha256"  # config key: the sha256 of each graph file, by name, recorded at registration
 MAP_FORMATS = ("png", "array", "none")
 OUTPUT_COLUMNS = ("pred_score", "pred_label", "anomaly_map", "pred_mask", "threshold_version")
+# The threshold version of a version registered before the calibrate stage existed (its config has no decision):
+# it serves its own thresholds, and `dvc repro` registers the calibrated decision as a new version.
+UNVERSIONED = "unversioned"
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -265,6 +269,8 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
         """
         artifacts = context.artifacts
         self.config = json.loads(Path(artifacts["config"]).read_text())
+        if "threshold_version" not in self.config:  # registered before calibration: its thresholds, unversioned
+            self.config |= {"threshold_version": UNVERSIONED, "threshold_basis": {"heatmap_range": [0.0, 1.0]}}
         graph = open_graph(Path(artifacts["graph"]), self.config) if "graph" in artifacts else None
         self.module = load_servable(self.config, artifacts)
         self.transform = self.module.pre_processor.transform
