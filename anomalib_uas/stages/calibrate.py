@@ -119,15 +119,16 @@ def calibrate_category(
     saved = np.load(folder / "predictions.npz")
     labels, scores = saved["gt_label"], saved["pred_score"]
     rates = error_rates(labels, scores, decision["image_threshold"])
-    normals, defects = int((labels == 0).sum()), int((labels == 1).sum())
-    false_alarm_ci = clopper_pearson(rates["FP"], normals)
+    tested_normals, tested_defects = int((labels == 0).sum()), int((labels == 1).sum())
+    false_alarm_ci = clopper_pearson(rates["FP"], tested_normals)
+    bound = decision["threshold_basis"]["image"]["certified_fpr"]
     test = {
-        "normal": normals,
-        "defective": defects,
+        "normal": tested_normals,
+        "defective": tested_defects,
         **rates,
         "false_alarm_ci": list(false_alarm_ci),
-        "miss_ci": list(clopper_pearson(rates["FN"], defects)),
-        "within_bound": bool(not normals or false_alarm_ci[0] <= decision["threshold_basis"]["image"]["certified_fpr"]),
+        "miss_ci": list(clopper_pearson(rates["FN"], tested_defects)),
+        "within_bound": bool(not tested_normals or false_alarm_ci[0] <= bound),
     }
     groups, scores_out = scored["group"], scored["pred_score"]
     alarms = scores_out > decision["image_threshold"]
