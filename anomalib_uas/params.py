@@ -34,7 +34,7 @@ __all__ = [
     "load_params",
 ]
 
-MODEL_NAMES = ("metauas", "inctrl", "faprompt")
+MODEL_NAMES = ("metauas", "inctrl", "faprompt", "nearest_patch")
 ModelName = Literal[MODEL_NAMES]
 # Threshold-free metrics every evaluation reports; any of them can choose the registry's champions.
 METRICS = (
@@ -109,12 +109,29 @@ class ClipConfig(_Section):
     image_size: Annotated[int, Field(ge=14, le=MAX_IMAGE_SIZE, multiple_of=14)] | None = None
 
 
+class NearestPatchConfig(_Section):
+    """``models_config.nearest_patch``: the encoder and the patch features the nearest-patch model compares."""
+
+    backbone: str = "efficientnet_lite0"
+    levels: Annotated[list[Annotated[int, Field(ge=0, le=4)]], Field(min_length=1, max_length=5)] = [2, 3]
+    pool: Annotated[int, Field(ge=1, le=15)] = 3
+
+    @field_validator("pool")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            msg = "pool is the side of a centred averaging window: use an odd number (1, 3, 5)"
+            raise ValueError(msg)
+        return value
+
+
 class ModelsConfig(_Section):
     """``models_config``: per-model architecture choices read by the weights stage."""
 
     metauas: dict[str, Any] = Field(default_factory=dict)
     inctrl: ClipConfig = ClipConfig()
     faprompt: ClipConfig = ClipConfig()
+    nearest_patch: NearestPatchConfig = NearestPatchConfig()
 
     @field_validator("metauas")
     @classmethod
@@ -188,11 +205,20 @@ class InCTRLTraining(AuxiliaryTraining):
 
 
 class TrainParams(_Section):
-    """``train``: one recipe per model."""
+    """``train``: one recipe per model (the nearest-patch model trains nothing)."""
 
     metauas: MetaUASTraining = MetaUASTraining()
     inctrl: InCTRLTraining
     faprompt: AuxiliaryTraining
+    nearest_patch: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("nearest_patch")
+    @classmethod
+    def _nothing_to_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:
+            msg = "the nearest-patch model trains nothing; leave it {} (its encoder is models_config.nearest_patch)"
+            raise ValueError(msg)
+        return value
 
 
 class EvaluateParams(_Section):
@@ -201,22 +227,26 @@ class EvaluateParams(_Section):
     image_size: Annotated[int, Field(ge=32, le=MAX_IMAGE_SIZE, multiple_of=32)] = 256
     k_shot: Annotated[int, Field(ge=1, le=8)] = 1
     prompt_strategy: Literal["random", "retrieval", "pool"] = "random"
-    prompt_source: str | None = None
+    few_shot_source: str | None = None
     seed: int = 0
     batch_size: PositiveInt = 8
 
     @model_validator(mode="before")
     @classmethod
-    def _moved_to_calibrate(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "target_fpr" in data:
-            msg = "target_fpr moved to its own section: write `calibrate: {target_fpr: ..., confidence: 0.95}`"
-            raise ValueError(msg)
+    def _moved_or_renamed(cls, data: Any) -> Any:
+        fixes = {
+            "target_fpr": "target_fpr moved to its own section: write `calibrate: {target_fpr: ..., confidence: 0.95}`",
+            "prompt_source": "prompt_source was renamed: write evaluate.few_shot_source",
+        }
+        for key, fix in fixes.items():
+            if isinstance(data, dict) and key in data:
+                raise ValueError(fix)
         return data
 
     @model_validator(mode="after")
     def _pool_has_source(self) -> EvaluateParams:
-        if self.prompt_strategy == "pool" and not self.prompt_source:
-            msg = "prompt_strategy 'pool' searches a folder of normal images: set evaluate.prompt_source to it"
+        if self.prompt_strategy == "pool" and not self.few_shot_source:
+            msg = "prompt_strategy 'pool' searches a folder of normal images: set evaluate.few_shot_source to it"
             raise ValueError(msg)
         return self
 

@@ -10,9 +10,10 @@ with ``ATEN_CPU_CAPABILITY`` and the matching ``ONEDNN_MAX_CPU_ISA`` set; instru
 reported as not run.
 
 Models: MetaUAS with the official architecture at 256 and 512 px and CLIP-model files in the official formats (the
-shared parity specs' weights, written by ``scripts/official_files.py``: real shapes, synthetic values), and
+shared parity specs' weights, written by ``scripts/official_files.py``: real shapes, synthetic values),
 offline-recipe MetaUAS checkpoints given with ``--metauas-checkpoints`` (e.g. ``checkpoints/metauas/metauas.pth``
-of the main job, or checkpoints trained with other seeds).
+of the main job, or checkpoints trained with other seeds), and the nearest-patch model on its ImageNet encoder (the
+file its weights stage writes).
 
 Example:
     $ python benchmarks/export_tolerance.py --metauas-checkpoints checkpoints/metauas/metauas.pth
@@ -37,9 +38,10 @@ ISAS = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}  # ATEN_CPU
 CPU_FLAGS = {"default": None, "avx2": "avx2", "avx512": "avx512f"}
 CATEGORY = "brick"
 KWARGS = {
-    "metauas": {"k_shot": 1, "prompt_strategy": "random", "prompt_source": None, "seed": 0},
+    "metauas": {"k_shot": 1, "prompt_strategy": "random", "few_shot_source": None, "seed": 0},
     "inctrl": {"clip_model": "ViT-B-16-plus-240", "k_shot": 1, "seed": 0},
     "faprompt": {"clip_model": "ViT-L-14-336", "image_size": 518},
+    "nearest_patch": {"image_size": 256, "k_shot": 1, "seed": 0},
 }
 
 
@@ -59,7 +61,8 @@ def cases(official: dict[str, Path], checkpoints: list[Path]) -> list[dict[str, 
     """The model configurations measured.
 
     Args:
-        official: The official-format files by model (``metauas``, ``inctrl``, ``faprompt``, ``faprompt_clip``).
+        official: The model files by model (``metauas``, ``inctrl``, ``faprompt``, ``faprompt_clip``: official
+            formats; ``nearest_patch``: its weights stage's file).
         checkpoints: Offline-recipe MetaUAS checkpoints.
 
     Returns:
@@ -85,6 +88,8 @@ def cases(official: dict[str, Path], checkpoints: list[Path]) -> list[dict[str, 
          "clip": None, "kwargs": KWARGS["inctrl"]},
         {"name": "FAPrompt official (ViT-L-14-336, 518 px)", "model": "faprompt", "checkpoint": official["faprompt"],
          "clip": official["faprompt_clip"], "kwargs": KWARGS["faprompt"]},
+        {"name": "nearest patch (ImageNet efficientnet_lite0)", "model": "nearest_patch",
+         "checkpoint": official["nearest_patch"], "clip": None, "kwargs": KWARGS["nearest_patch"]},
     ]  # fmt: skip
     return [
         {**case, "checkpoint": str(case["checkpoint"]), "clip": case["clip"] and str(case["clip"])} for case in found
@@ -208,7 +213,7 @@ def main() -> None:
     parser.add_argument("--parity", type=Path, help="shared/parity folder (UAS_PARITY_DIR or ../shared/parity).")
     parser.add_argument("--metauas-checkpoints", type=Path, nargs="*", default=[], help="Offline-recipe files.")
     parser.add_argument("--isa", nargs="+", choices=list(ISAS), default=list(ISAS))
-    parser.add_argument("--models", nargs="+", default=["metauas", "inctrl", "faprompt"])
+    parser.add_argument("--models", nargs="+", default=["metauas", "inctrl", "faprompt", "nearest_patch"])
     parser.add_argument("--only", help="Run only the cases whose name contains this text (e.g. offline).")
     parser.add_argument("--output", type=Path, help="Also write the Markdown results here.")
     args = parser.parse_args()
@@ -219,15 +224,19 @@ def main() -> None:
     from official_files import DEFAULT_PARITY, FILES, write_official_files
 
     from anomalib_uas.data import generate_demo_dataset
+    from anomalib_uas.models import get_spec
+    from anomalib_uas.params import load_params
 
     flags = cpu_flags()
     runnable = [isa for isa in args.isa if CPU_FLAGS[isa] is None or CPU_FLAGS[isa] in flags]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         dataset = args.dataset or generate_demo_dataset(root / "demo", categories=[CATEGORY], image_size=256, seed=0)
-        write_official_files(args.parity or DEFAULT_PARITY, root / "weights", tuple(args.models))
+        write_official_files(args.parity or DEFAULT_PARITY, root / "weights", tuple(set(args.models) & set(FILES)))
         official = {model: root / "weights" / files[0] for model, files in FILES.items()}
         official["faprompt_clip"] = root / "weights" / FILES["faprompt"][1]
+        params = load_params(REPO / "params.yaml")
+        official["nearest_patch"] = get_spec("nearest_patch").fetch("imagenet", params, root, root).checkpoint
         rows = []
         for case in cases(official, args.metauas_checkpoints):
             if case["model"] not in args.models or (args.only and args.only not in case["name"]):

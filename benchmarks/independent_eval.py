@@ -11,8 +11,9 @@ given as mean +- std over the seeds. Two models see the same prompt:
 
 * **MetaUAS**: the checkpoint (default ``checkpoints/metauas/metauas.pth``, made by ``uas weights metauas``), loaded
   with ``MetaUAS.from_checkpoint`` at ``--image-size``;
-* **nearest patch**: :class:`~anomalib_uas.models.metauas.baseline.PromptDistanceModel` on the ImageNet features of
-  the same encoder (EfficientNet-Lite0 for the offline recipe), training-free.
+* **nearest patch**: :class:`~anomalib_uas.models.nearest_patch.torch_model.NearestPatchModel` (the pipeline's
+  ``nearest_patch`` model) on the ImageNet features of the same encoder (EfficientNet-Lite0 for the offline
+  recipe), training-free.
 
 Run it from the repository root:
 
@@ -41,9 +42,8 @@ from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.data.images import read_image
 from anomalib_uas.data.independent import EvaluationCategory, independent_sets
 from anomalib_uas.models import MetaUAS
-from anomalib_uas.models.components.backbones import build_encoder
 from anomalib_uas.models.components.references import seeded_choice
-from anomalib_uas.models.metauas.baseline import PromptDistanceModel
+from anomalib_uas.models.nearest_patch.torch_model import NearestPatchModel
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "independent_eval.md"
@@ -168,10 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         sets["demo"] = _demo_set(root, data["categories"], args.image_size)
     model = MetaUAS.from_checkpoint(args.checkpoint, image_size=args.image_size)
     network = model.model
-    baseline = PromptDistanceModel(build_encoder(model.hparams.backbone, pretrained=True))
+    baseline = NearestPatchModel(model.hparams.backbone, pretrained=True)
+
+    def nearest_patch(queries: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        baseline.set_prompts(prompt)
+        return baseline(queries).anomaly_map
+
     scorers: dict[str, Scorer] = {
         "MetaUAS": lambda queries, prompt: network(queries, prompt.expand(len(queries), -1, -1, -1)).anomaly_map,
-        "nearest patch (training-free)": lambda queries, prompt: baseline(queries, prompt).anomaly_map,
+        "nearest patch (training-free)": nearest_patch,
     }
     results = evaluate(scorers, sets, args.seeds, model.pre_processor.transform)
     architecture = {key: model.hparams[key] for key in ("backbone", "fusion", "decoder_channels")}

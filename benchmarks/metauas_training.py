@@ -9,8 +9,8 @@ prompt per category (the seeded random protocol of the paper):
 
 * **trained**: the recipe's checkpoint, loaded with ``MetaUAS.from_checkpoint``;
 * **untrained**: the same architecture and ImageNet encoder with the decoder at its seeded initialisation;
-* **nearest patch**: :class:`~anomalib_uas.models.metauas.baseline.PromptDistanceModel`, the L2 distance of each query
-  patch to its nearest prompt patch in pooled stride-8/16 ImageNet features of the same encoder.
+* **nearest patch**: :class:`~anomalib_uas.models.nearest_patch.torch_model.NearestPatchModel`, the L2 distance of
+  each query patch to its nearest prompt patch in pooled stride-8/16 ImageNet features of the same encoder.
 
 All three are scored by the metrics of ``MetaUAS.configure_evaluator`` on raw scores and maps (the metrics are
 threshold-free). The report gives the training time in minutes and optimisation steps per second, the CPU's
@@ -46,8 +46,8 @@ from anomalib.data import MVTecAD
 from anomalib_uas.data import generate_demo_dataset
 from anomalib_uas.models import MetaUAS
 from anomalib_uas.models.components.references import seeded_choice
-from anomalib_uas.models.metauas.baseline import PromptDistanceModel
 from anomalib_uas.models.metauas.training import train_metauas, training_threads
+from anomalib_uas.models.nearest_patch.torch_model import NearestPatchModel
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "metauas_training.md"
@@ -68,13 +68,12 @@ def _metauas_scorer(module: MetaUAS) -> Scorer:
 
 
 def _distance_scorer(module: MetaUAS) -> Scorer:
-    baseline = PromptDistanceModel(module.model.encoder)
+    baseline = NearestPatchModel(module.hparams.backbone, pretrained=True)
 
     def score(images: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = baseline(images, prompt)
-        # distances are unbounded, and the metrics squash scores outside [0, 1] with a sigmoid (saturating to ties):
-        # d / (1 + d) keeps the order within [0, 1)
-        return output.pred_score / (1 + output.pred_score), output.anomaly_map / (1 + output.anomaly_map)
+        baseline.set_prompts(prompt)
+        output = baseline(images)
+        return output.pred_score, output.anomaly_map
 
     return score
 

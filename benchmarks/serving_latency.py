@@ -96,7 +96,7 @@ def write_files(model: str, folder: Path) -> tuple[Path, Path | None, dict[str, 
         kwargs = {"image_size": 256, "backbone": "tf_efficientnet_b4", "k_shot": 1, "prompt_strategy": "random"}
         return folder / "metauas.pth", None, kwargs, prompts[:1]
     if model == "inctrl":
-        module = InCTRL(pretrained=None, visualizer=False)
+        module = InCTRL(clip_pretrained=None, visualizer=False)
         torch.save(inctrl_official(module.model, include_clip=False), folder / "inctrl.pth")
         torch.save(module.model.clip.state_dict(), folder / "clip.pt")
         return folder / "inctrl.pth", folder / "clip.pt", {"clip_model": "ViT-B-16-plus-240", "k_shot": 2}, prompts

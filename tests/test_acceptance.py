@@ -97,6 +97,26 @@ def test_the_main_job_evaluated_registered_reported_and_reviewed(env: dict[str, 
         assert review[f"uas-metauas-{category}"]["samples"] == len(saved["pred_score"])
 
 
+def test_the_nearest_patch_baseline_ran_beside_metauas_and_the_champion_is_never_worse(
+    env: dict[str, str], categories: list[str]
+) -> None:
+    """The training-free baseline is evaluated, registered and reviewed; the champion beats or equals it."""
+    metric = yaml.safe_load((REPO / "params.yaml").read_text())["registry"]["champion_metric"]
+    baseline = json.loads((REPO / "reports" / "nearest_patch" / "metrics.json").read_text())
+    assert baseline["skipped"] == 0
+    report = (REPO / "reports" / "report.md").read_text()
+    review = json.loads((REPO / "reports" / "review.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{REPO / 'mlflow.db'}")
+    for category in categories:
+        assert f"| nearest_patch | {category} |" in report
+        registered = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-nearest_patch")
+        assert registered.tags["uas.runtime"] == "onnx", registered.tags.get("uas.graph_check")
+        champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion")
+        assert float(champion.tags[metric]) >= baseline["categories"][category][metric] - 1e-9
+        saved = np.load(REPO / "predictions" / "nearest_patch" / category / "predictions.npz")
+        assert review[f"uas-nearest_patch-{category}"]["samples"] == len(saved["pred_score"])
+
+
 def test_a_second_repro_runs_only_feedback(env: dict[str, str]) -> None:
     assert stages_run(run_command(["dvc", "repro"], REPO, env)) == {"feedback"}
 
@@ -113,7 +133,9 @@ def test_uas_predict_writes_its_outputs(env: dict[str, str], categories: list[st
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(images)
     assert not any(row["error"] for row in rows)
-    version = _calibration()[categories[0]]["decision"]["threshold_version"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{REPO / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(f"anomalib-uas-{categories[0]}", "champion")  # whichever model
+    version = champion.tags["uas.threshold_version"]
     for row in rows:
         assert (output / row["mask"]).is_file()
         assert (output / row["heatmap"]).is_file()

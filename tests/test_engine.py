@@ -42,7 +42,9 @@ def _mini_vit_l(folder: Path) -> str:
 MODELS: dict[str, tuple[Callable[[Path], AnomalibModule], int, int]] = {
     "metauas": (lambda folder: MetaUAS(image_size=64, visualizer=False), 64, 64),
     "inctrl": (
-        lambda folder: InCTRL(clip_model="uas-tiny-ViT-B-16-plus-240", pretrained=None, k_shot=2, visualizer=False),
+        lambda folder: InCTRL(
+            clip_model="uas-tiny-ViT-B-16-plus-240", clip_pretrained=None, k_shot=2, visualizer=False
+        ),
         240,
         240,
     ),

@@ -90,7 +90,7 @@ def official_metauas(tmp_path_factory: pytest.TempPathFactory, parity_dir: Path,
     torch.save(parity_weights.make_state_dict(parity_weights.load_spec(parity_dir / "metauas" / "spec.json"), 0), path)
     module = MetaUAS.from_official_checkpoint(path, image_size=256, visualizer=False).eval()
     inputs, transform = np.load(parity_dir / "metauas" / "inputs.npz"), module.pre_processor.transform
-    module.model.set_prompt_bank(transform(torch.from_numpy(inputs["prompt_image"][:1])))
+    module.model.set_prompts(transform(torch.from_numpy(inputs["prompt_image"][:1])))
     images = transform(torch.from_numpy(inputs["query_image"]))
     return {"model": module.model, "images": images, "graph": export_graph(module.model, images, root / "onnx")}
 
@@ -157,6 +157,6 @@ def test_a_version_whose_graph_fails_serves_the_eager_model(
     served = pyfunc.predict(pd.DataFrame({"image": [queries[0].read_bytes()]}), params={"map_format": "none"})
     module = MetaUAS.from_official_checkpoint(tmp_path / "metauas.pth", visualizer=False, **kwargs).eval()
     transform = module.pre_processor.transform
-    module.model.set_prompt_bank(transform(read_image(normal[0])).unsqueeze(0))
+    module.model.set_prompts(transform(read_image(normal[0])).unsqueeze(0))
     scores, _ = EagerRunner(module.model)(transform(read_image(queries[0])).unsqueeze(0))
     assert served["pred_score"].iloc[0] == pytest.approx(float(scores[0]), abs=1e-6)

@@ -172,14 +172,14 @@ def test_official_format_round_trip(model: InCTRLModel, tmp_path: Path) -> None:
     torch.save(to_official(model, include_clip=False), trained_only)
     assert trained_only.stat().st_size < path.stat().st_size / 4
     loaded = InCTRL.from_official_checkpoint(
-        trained_only, clip_weights=path, clip_model=TINY, pretrained=None, visualizer=False
+        trained_only, clip_weights=path, clip_model=TINY, clip_pretrained=None, visualizer=False
     )
     for key, value in model.state_dict().items():
         if not key.startswith(("prompt_", "text_")):
             torch.testing.assert_close(loaded.model.state_dict()[key], value, atol=0, rtol=0, msg=key)
     wrapped = tmp_path / "wrapped.pyth"  # the official loader also accepts {"model_state": state_dict}
     torch.save({"model_state": to_official(model, include_clip=False)}, wrapped)
-    loaded = InCTRL(clip_model=TINY, pretrained=None, weights=str(wrapped), visualizer=False)
+    loaded = InCTRL(clip_model=TINY, clip_pretrained=None, weights=str(wrapped), visualizer=False)
     torch.testing.assert_close(loaded.model.adapter.fc[0].weight, model.adapter.fc[0].weight, atol=0, rtol=0)
 
 
@@ -209,18 +209,18 @@ def test_bad_prompt_and_category_arguments(images: torch.Tensor) -> None:
 @pytest.mark.parametrize("k_shot", [0, 9])
 def test_k_shot_out_of_range(k_shot: int) -> None:
     with pytest.raises(ValueError, match="between 1 and 8"):
-        InCTRL(clip_model=TINY, pretrained=None, k_shot=k_shot)
+        InCTRL(clip_model=TINY, clip_pretrained=None, k_shot=k_shot)
 
 
 def test_foreign_checkpoint_is_named(tmp_path: Path) -> None:
     path = tmp_path / "metauas.ckpt"
     torch.save({"encoder._conv_stem.weight": torch.zeros(1), "mask_head.0.weight": torch.zeros(1)}, path)
     with pytest.raises(WeightsError, match="MetaUAS checkpoint"):
-        InCTRL.from_official_checkpoint(path, clip_model=TINY, pretrained=None)
+        InCTRL.from_official_checkpoint(path, clip_model=TINY, clip_pretrained=None)
     clip_only = tmp_path / "clip.pt"
     torch.save({"visual.conv1.weight": torch.zeros(1)}, clip_only)
     with pytest.raises(WeightsError, match="clip_weights"):
-        InCTRL.from_official_checkpoint(clip_only, clip_model=TINY, pretrained=None)
+        InCTRL.from_official_checkpoint(clip_only, clip_model=TINY, clip_pretrained=None)
 
 
 def test_checkpoint_of_another_clip_size_is_rejected(tmp_path: Path) -> None:
@@ -230,7 +230,7 @@ def test_checkpoint_of_another_clip_size_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bad.pyth"
     torch.save(state, path)
     with pytest.raises(WeightsError, match="do not fit"):
-        InCTRL.from_official_checkpoint(path, clip_model=TINY, pretrained=None)
+        InCTRL.from_official_checkpoint(path, clip_model=TINY, clip_pretrained=None)
 
 
 def test_balanced_batch_sampler_is_exact_and_seeded() -> None:

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _model(**kwargs: object) -> InCTRL:
-    return InCTRL(clip_model=TINY, pretrained=None, visualizer=False, **kwargs)
+    return InCTRL(clip_model=TINY, clip_pretrained=None, visualizer=False, **kwargs)
 
 
 def _datamodule(root: Path, category: str) -> MVTecAD:
@@ -99,7 +99,7 @@ def test_prompts_are_seeded(demo_root: Path, demo_category: str, monkeypatch: py
     for seed in (3, 3, 0, 1):
         model = _model(k_shot=2, seed=seed)
         monkeypatch.setattr(model, "_datamodule", lambda: datamodule)
-        model._collect_prompt_images()
+        model.collect_prompts()
         chosen.append(model.prompt_paths)
     assert chosen[0] == chosen[1]
     assert any(other != chosen[0] for other in chosen[2:])
@@ -111,16 +111,16 @@ def test_few_shot_sources_folder_list_and_official_prompt_files(
     good = demo_root / demo_category / "train" / "good"
     paths = sorted(str(p) for p in good.glob("*.png"))
     by_folder = _model(k_shot=3, few_shot_source=str(good))
-    images_folder = by_folder._collect_prompt_images()
+    images_folder = by_folder.source_prompts()
     by_list = _model(k_shot=3, few_shot_source=[p for p in paths if p in by_folder.prompt_paths])
-    torch.testing.assert_close(by_list._collect_prompt_images(), images_folder)
+    torch.testing.assert_close(by_list.source_prompts(), images_folder)
 
     # official format: a list of k transformed 3x240x240 tensors in <few_shot_dir>/<category>.pt
     prompt_dir = tmp_path / "fs_samples" / "3"
     prompt_dir.mkdir(parents=True)
     torch.save(list(images_folder), prompt_dir / f"{demo_category}.pt")
     by_file = _model(k_shot=3, few_shot_source=str(prompt_dir / f"{demo_category}.pt"))
-    torch.testing.assert_close(by_file._collect_prompt_images(), images_folder)
+    torch.testing.assert_close(by_file.source_prompts(), images_folder)
 
     queries = tmp_path / "queries"
     queries.mkdir()
@@ -136,12 +136,12 @@ def test_few_shot_sources_folder_list_and_official_prompt_files(
     assert float(predictions[0].pred_score[0]) == pytest.approx(float(raw.pred_score[0]), abs=1e-6)
 
     with pytest.raises(FileNotFoundError, match="no prompt file"):
-        _model(k_shot=3, few_shot_source=str(prompt_dir), category="other")._collect_prompt_images()
+        _model(k_shot=3, few_shot_source=str(prompt_dir), category="other").source_prompts()
     torch.save([torch.zeros(3, 64, 64)] * 3, tmp_path / "small.pt")
     with pytest.raises(ValueError, match=r"\[3, 240, 240\]"):
-        _model(k_shot=3, few_shot_source=str(tmp_path / "small.pt"))._collect_prompt_images()
+        _model(k_shot=3, few_shot_source=str(tmp_path / "small.pt")).source_prompts()
     with pytest.raises(ValueError, match="fewer than k_shot=4"):
-        _model(k_shot=4, few_shot_source=str(prompt_dir / f"{demo_category}.pt"))._collect_prompt_images()
+        _model(k_shot=4, few_shot_source=str(prompt_dir / f"{demo_category}.pt")).source_prompts()
 
 
 class _LabelRecorder(Callback):
@@ -189,7 +189,7 @@ def test_anomalib_cli_with_the_repo_config(demo_root: Path, demo_category: str, 
         sys.executable, "-m", "anomalib.cli.cli", "test",
         "--config", str(REPO / "configs" / "inctrl.yaml"),
         "--data.root", str(demo_root), "--data.category", demo_category,
-        "--model.clip_model", TINY, "--model.pretrained", "null",
+        "--model.clip_model", TINY, "--model.clip_pretrained", "null",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -107,4 +107,4 @@ def test_set_prompts_from_tensors_and_paths_outside_engine(tmp_path: Path) -> No
 def test_embed_is_the_mean_of_the_deepest_level() -> None:
     model = MetaUAS(image_size=64, pretrained_backbone=False).model
     images = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(model.embed(images), model.encode(images)[-1].mean(dim=(2, 3)))
+    torch.testing.assert_close(model.embed(images), model.encode_images(images)[-1].mean(dim=(2, 3)))

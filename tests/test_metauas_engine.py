@@ -48,7 +48,7 @@ def test_engine_test_with_every_prompt_strategy(
     demo_root: Path, demo_category: str, normal_pool: Path, tmp_path: Path, strategy: str, k_shot: int
 ) -> None:
     source = str(normal_pool) if strategy == "pool" else None
-    model = MetaUAS(image_size=64, k_shot=k_shot, prompt_strategy=strategy, prompt_source=source, visualizer=False)
+    model = MetaUAS(image_size=64, k_shot=k_shot, prompt_strategy=strategy, few_shot_source=source, visualizer=False)
     results = _engine(tmp_path).test(model, datamodule=_datamodule(demo_root, demo_category), verbose=False)[0]
     assert set(results) == METRICS
     assert all(0.0 <= value <= 1.0 for value in results.values())
@@ -92,7 +92,7 @@ def test_engine_test_with_folder_and_visa_datamodules(demo_root: Path, demo_cate
 
 def test_predict_with_the_robust_image_dataset(demo_root: Path, demo_category: str, tmp_path: Path) -> None:
     Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(tmp_path / "deep.png")
-    model = MetaUAS(image_size=64, prompt_source=str(demo_root / demo_category / "train" / "good"), visualizer=False)
+    model = MetaUAS(image_size=64, few_shot_source=str(demo_root / demo_category / "train" / "good"), visualizer=False)
     predictions = _engine(tmp_path).predict(model, dataset=ImageFolderDataset(tmp_path / "deep.png"))
     assert predictions[0].anomaly_map.shape[-2:] == (64, 64)
 
@@ -136,7 +136,7 @@ def test_predict_on_a_folder_with_given_prompt_images(demo_root: Path, demo_cate
     folder.mkdir()
     for path in queries:
         shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
-    model = MetaUAS(image_size=64, prompt_source=str(prompts), visualizer=False)
+    model = MetaUAS(image_size=64, few_shot_source=str(prompts), visualizer=False)
     predictions = _engine(tmp_path).predict(model, data_path=folder)
     scores = torch.cat([batch.pred_score for batch in predictions])
     assert len(scores) == len(queries)
@@ -180,7 +180,7 @@ def test_retrieval_predictions_name_the_prompt_of_each_query(
     folder.mkdir()
     for path in queries:
         shutil.copy(path, folder / path.name)
-    model = MetaUAS(image_size=64, prompt_strategy="retrieval", prompt_source=str(prompts), visualizer=False)
+    model = MetaUAS(image_size=64, prompt_strategy="retrieval", few_shot_source=str(prompts), visualizer=False)
     predictions = _engine(tmp_path).predict(model, data_path=folder)
     explanations = [text for batch in predictions for text in batch.explanation]
     assert explanations == [f"prompt: {path}" for path in queries]  # each normal image retrieves itself
@@ -205,7 +205,7 @@ def test_missing_prompts_give_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_pool_strategy_needs_a_source() -> None:
-    with pytest.raises(ValueError, match="prompt_source"):
+    with pytest.raises(ValueError, match="few_shot_source"):
         MetaUAS(prompt_strategy="pool")
 
 
@@ -213,6 +213,6 @@ def test_corrupt_prompt_image_is_named(tmp_path: Path) -> None:
     (tmp_path / "prompt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     with pytest.raises(ValueError, match=r"prompt\.png"):
         _engine(tmp_path).predict(
-            MetaUAS(image_size=64, prompt_source=str(tmp_path / "prompt.png"), visualizer=False),
+            MetaUAS(image_size=64, few_shot_source=str(tmp_path / "prompt.png"), visualizer=False),
             data_path=_query_folder(tmp_path),
         )

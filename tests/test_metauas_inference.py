@@ -108,7 +108,7 @@ def test_training_runs_the_frozen_encoder_as_its_copy_and_the_trained_parts_them
     assert mask_head is model.mask_head
     images, prompts = _images(12), _images(13)
     with torch.no_grad():
-        for plain, fused in zip(model.encoder(images), model.encode(images), strict=True):
+        for plain, fused in zip(model.encoder(images), model.encode_images(images), strict=True):
             _assert_close_to_scale(fused, plain)
     model(images, prompts).mean().backward()
     assert all(parameter.grad is None for parameter in model.encoder.parameters())

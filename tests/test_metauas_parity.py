@@ -48,7 +48,7 @@ def test_cached_prompt_bank_equals_prompt_per_query(official_checkpoint: Path, p
     model = MetaUAS.from_official_checkpoint(official_checkpoint, image_size=256).eval()
     transform = model.pre_processor.transform
     for pair in range(2):
-        model.model.set_prompt_bank(transform(torch.from_numpy(inputs["prompt_image"][pair : pair + 1])))
+        model.model.set_prompts(transform(torch.from_numpy(inputs["prompt_image"][pair : pair + 1])))
         output = model.model(transform(torch.from_numpy(inputs["query_image"][pair : pair + 1])))
         np.testing.assert_allclose(
             output.anomaly_map[0].numpy(), expected["anomaly_map"][pair, 0], atol=3e-5, rtol=1e-4

@@ -31,7 +31,7 @@ def _write(tmp_path: Path, edit: Any) -> Path:
 
 def test_the_project_params_are_valid() -> None:
     params = load_params(REPO / "params.yaml")
-    assert params.models == ["metauas", "inctrl", "faprompt"]
+    assert params.models == ["metauas", "inctrl", "faprompt", "nearest_patch"]
     assert params.evaluate.prompt_strategy == "random"
     assert params.registry.register_models is True
     assert params.as_dict()["registry"]["register"] is True
@@ -84,11 +84,18 @@ def test_the_old_target_fpr_key_names_its_new_section(tmp_path: Path) -> None:
     assert "calibrate: {target_fpr" in message
 
 
-def test_pool_needs_its_prompt_source(tmp_path: Path) -> None:
+def test_the_old_prompt_source_key_names_its_new_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, lambda p: p["evaluate"].__setitem__("prompt_source", "datasets/pool"))
+    message = _error(path)
+    assert "\n" not in message
+    assert "prompt_source was renamed: write evaluate.few_shot_source" in message
+
+
+def test_pool_needs_its_few_shot_source(tmp_path: Path) -> None:
     path = _write(tmp_path, lambda p: p["evaluate"].__setitem__("prompt_strategy", "pool"))
-    assert "set evaluate.prompt_source" in _error(path)
-    path = _write(tmp_path, lambda p: p["evaluate"].update(prompt_strategy="pool", prompt_source="datasets/pool"))
-    assert load_params(path).evaluate.prompt_source == "datasets/pool"
+    assert "set evaluate.few_shot_source" in _error(path)
+    path = _write(tmp_path, lambda p: p["evaluate"].update(prompt_strategy="pool", few_shot_source="datasets/pool"))
+    assert load_params(path).evaluate.few_shot_source == "datasets/pool"
 
 
 def test_missing_section_says_what_to_add(tmp_path: Path) -> None:

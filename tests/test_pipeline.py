@@ -80,7 +80,7 @@ def test_repro_evaluates_skips_and_reports(first_repro: tuple[Path, dict[str, st
     assert decision["threshold_basis"]["normals"] == {"held_out": 7, "feedback": 0}  # 8 train images, 1 prompt
     assert calibration["categories"]["brick"]["test"]["normal"] == 4
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    champion = client.get_model_version_by_alias("anomalib-uas-brick", "champion")
+    champion = client.get_model_version_by_alias("anomalib-uas-brick", "champion-metauas")
     assert champion.tags["uas.model"] == "metauas"
     assert champion.tags["uas.threshold_version"] == decision["threshold_version"]
     registered = json.loads((root / "registered" / "metauas" / "registered.json").read_text())
@@ -108,6 +108,31 @@ def test_repro_evaluates_skips_and_reports(first_repro: tuple[Path, dict[str, st
     report_run = client.search_runs([experiment], "tags.`uas.stage` = 'report'")[0]
     names = {item.path for item in client.list_artifacts(report_run.info.run_id, "report")}
     assert names == {"report/report.md", "report/report.html"}
+
+
+def test_the_nearest_patch_model_runs_through_every_stage_and_bounds_the_champion(
+    first_repro: tuple[Path, dict[str, str], str],
+) -> None:
+    """The baseline model, one folder plus its lines in params.yaml, is weighted, scored, registered and reviewed."""
+    root, _, output = first_repro
+    per_model = {f"{stage}@nearest_patch" for stage in ("weights", "evaluate", "calibrate", "register")}
+    assert per_model <= stages_run(output)
+    status = json.loads((root / "checkpoints" / "nearest_patch" / "status.json").read_text())
+    assert status["description"] == "ImageNet efficientnet_lite0, no training"
+    metrics = json.loads((root / "reports" / "nearest_patch" / "metrics.json").read_text())
+    assert metrics["skipped"] == 0
+    report = (root / "reports" / "report.md").read_text()
+    review = json.loads((root / "reports" / "review.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    for category in ("brick", "grass"):
+        assert f"| nearest_patch | {category} |" in report
+        saved = np.load(root / "predictions" / "nearest_patch" / category / "predictions.npz")
+        assert ((saved["pred_score"] >= 0) & (saved["pred_score"] < 1)).all()
+        assert review[f"uas-nearest_patch-{category}"]["samples"] == len(saved["pred_score"])
+        baseline = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-nearest_patch")
+        assert baseline.tags["uas.runtime"] == "onnx", baseline.tags.get("uas.graph_check")
+        champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion")
+        assert float(champion.tags["pixel_AUPRO"]) >= metrics["categories"][category]["pixel_AUPRO"] - 1e-9
 
 
 def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:
@@ -149,7 +174,7 @@ def test_a_new_target_recalibrates_registers_and_reviews_without_engine_test(
     finally:  # the review datasets live in the database: build them again at the restored decisions
         run_command(["dvc", "repro", "-f", "-s", "review"], root, env)
     # registry.register is on again (the test before turned it off), so every register stage reads new params
-    models = ("metauas", "inctrl", "faprompt")
+    models = ("metauas", "inctrl", "faprompt", "nearest_patch")
     per_model = {f"{stage}@{model}" for stage in ("calibrate", "register") for model in models}
     assert ran == {"feedback", "report", "review", *per_model}
     assert len(client.search_runs([experiment], "tags.`uas.stage` = 'evaluate'")) == evaluations  # no Engine.test
@@ -158,11 +183,13 @@ def test_a_new_target_recalibrates_registers_and_reviews_without_engine_test(
         assert decision["threshold_basis"]["image"]["target_fpr"] == 0.2
         assert decision["image_threshold"] >= before[category]["decision"]["image_threshold"]
         assert after[category]["previous"]["threshold_version"] == before[category]["decision"]["threshold_version"]
+        versions = client.search_model_versions(f"name='anomalib-uas-{category}'")
         newest = max(
-            client.search_model_versions(f"name='anomalib-uas-{category}'"), key=lambda version: int(version.version)
+            (version for version in versions if version.tags["uas.model"] == "metauas"),
+            key=lambda version: int(version.version),
         )
         assert newest.tags["uas.threshold_version"] == decision["threshold_version"]
-        champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion")
+        champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-metauas")
         assert champion.version == newest.version  # equal metrics: the model's newest decision deploys
         assert summary[f"uas-metauas-{category}"]["FP"] == after[category]["test"]["FP"]
 

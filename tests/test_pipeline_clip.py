@@ -38,7 +38,7 @@ def _write_official_files(weights: Path) -> dict[str, Path]:
     from anomalib_uas.models.inctrl import InCTRL
     from anomalib_uas.models.inctrl.checkpoint import to_official
 
-    inctrl = InCTRL(clip_model=TINY_B, pretrained=None, visualizer=False)
+    inctrl = InCTRL(clip_model=TINY_B, clip_pretrained=None, visualizer=False)
     faprompt = FAPrompt(clip_model=TINY_L, clip_pretrained=None, image_size=FAPROMPT_SIZE, visualizer=False)
     files = {
         "inctrl": weights / "inctrl" / "2" / "checkpoint.pyth",

@@ -39,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from anomalib_uas import registry, tracking
+from anomalib_uas.calibration import heatmap_png
 from anomalib_uas.cli import main
 from anomalib_uas.data.images import read_image
 from anomalib_uas.models import FAPrompt, InCTRL, MetaUAS
@@ -47,6 +48,9 @@ from anomalib_uas.models.loading import load_model
 from anomalib_uas.models.metauas.checkpoint import to_official as metauas_official
 from anomalib_uas.serving.pyfunc import load_servable
 from anomalib_uas.serving.runtime import GraphMismatchError, check_graph
+
+DECISION = fixed_decision(0.5, 0.5)  # every registered version's decision
+HEATMAP_RANGE = DECISION["threshold_basis"]["heatmap_range"]
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +76,7 @@ def _model_files(root: Path) -> dict[str, dict[str, Any]]:
     torch.manual_seed(0)
     metauas = MetaUAS(pretrained_backbone=True, image_size=64)
     torch.save(metauas_official(metauas.model), root / "metauas.pth")
-    inctrl = InCTRL(clip_model=TINY_B, pretrained=None, seed=3, visualizer=False)
+    inctrl = InCTRL(clip_model=TINY_B, clip_pretrained=None, seed=3, visualizer=False)
     torch.save(inctrl_official(inctrl.model, include_clip=False), root / "inctrl.pth")
     torch.save(inctrl.model.clip.state_dict(), root / "inctrl-clip.pt")
     faprompt = FAPrompt(clip_model=TINY_L, clip_pretrained=None, image_size=112, seed=5, visualizer=False)
@@ -108,7 +112,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, demo_c
                 "model": model,
                 "category": demo_category,
                 "kwargs": KWARGS[model],
-                **fixed_decision(0.5, 0.5),
+                **DECISION,
             },
             example_image=normal[0],
         )
@@ -136,7 +140,7 @@ def _reference(registered: dict, model: str, query: Path, prompts: list[Path] | 
     transform = module.pre_processor.transform
     with torch.no_grad():
         if model == "metauas":
-            module.model.set_prompt_bank(transform(read_image(registered["prompts"][model][0]))[None])
+            module.model.set_prompts(transform(read_image(registered["prompts"][model][0]))[None])
         elif model == "inctrl":
             module.model.set_prompts(torch.stack([transform(read_image(p)) for p in registered["prompts"][model]]))
             module.model.set_category(registered["category"])
@@ -239,7 +243,7 @@ def test_pyfunc_equals_the_model(
         assert anomaly_map.shape == (MAP_SIZE[model], MAP_SIZE[model])
         np.testing.assert_allclose(anomaly_map, expected.anomaly_map[0].numpy(), atol=1e-5)
         assert row["pred_label"] == int(row["pred_score"] > 0.5)
-        assert row["threshold_version"] == fixed_decision(0.5, 0.5)["threshold_version"]
+        assert row["threshold_version"] == DECISION["threshold_version"]
         mask, exact = np.array(json.loads(row["pred_mask"])), expected.anomaly_map[0].numpy()
         clear = np.abs(exact - 0.5) > 1e-4  # the pixel threshold is 0.5; the map is sent rounded
         assert np.array_equal(mask[clear], (exact[clear] > 0.5).astype(int))
@@ -261,10 +265,10 @@ def test_pyfunc_equals_the_model(
         pyfunc.predict(pd.DataFrame({"image": [queries[-1].read_bytes()], "prompt_images": [[]]}))
 
 
-def test_a_version_registered_before_calibration_serves_its_thresholds_unversioned(
+def test_a_version_registered_before_calibration_and_renames_serves_its_thresholds_unversioned(
     registered: dict, demo_root: Path, demo_category: str, tmp_path: Path
 ) -> None:
-    """A registry from before the calibrate stage: a config with thresholds only still serves, labelled unversioned."""
+    """A registry from before the calibrate stage and the shared argument names still serves, labelled unversioned."""
     from anomalib_uas.serving.pyfunc import UNVERSIONED
 
     mlflow.set_tracking_uri(registered["uri"])
@@ -274,6 +278,8 @@ def test_a_version_registered_before_calibration_serves_its_thresholds_unversion
     config = json.loads(config_file.read_text())
     for key in ("threshold_version", "threshold_basis"):
         del config[key]
+    kwargs = config["kwargs"]
+    kwargs["prompt_source"] = kwargs.pop("few_shot_source", None)  # the name MetaUAS's argument had then
     config_file.write_text(json.dumps(config))
     query = _queries(demo_root, demo_category)[-1]
     result = mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame({"image": [query.read_bytes()]}))
@@ -408,8 +414,10 @@ def test_served_model_answers_with_maps_and_prompt_override(
     assert status == 200
     row = body["predictions"][0]
     assert row["pred_score"] == pytest.approx(float(reference("metauas", query).pred_score[0]), abs=1e-5)
-    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["anomaly_map"]))))
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["anomaly_map"])))).astype(int)
+    drawn = heatmap_png(reference("metauas", query).anomaly_map[0].numpy(), HEATMAP_RANGE).astype(int)
     assert heat.shape == (64, 64)
+    assert np.abs(heat - drawn).max() <= 1  # the version's colour range, as the review and `uas predict` draw it
     assert set(np.unique(np.asarray(Image.open(io.BytesIO(base64.b64decode(row["pred_mask"])))))) <= {0, 255}
 
     other = registered["normal"][-1]

@@ -209,7 +209,7 @@ def test_error_rates_of_a_threshold() -> None:
     assert rates == {"FP": 1, "FN": 1, "false_alarm_rate": 0.25, "miss_rate": 0.5}
 
 
-def test_feedback_normals_join_each_models_own_prompt_source(tmp_path: Path) -> None:
+def test_feedback_normals_join_each_models_own_few_shot_source(tmp_path: Path) -> None:
     import yaml
 
     from anomalib_uas.models import get_spec
@@ -227,7 +227,7 @@ def test_feedback_normals_join_each_models_own_prompt_source(tmp_path: Path) -> 
     pool = images(tmp_path / "pool", ["a.png", "b.png", "c.png"])  # MetaUAS's many-category pool
     marked = images(tmp_path / "feedback", ["000.png"])
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
-    raw["evaluate"].update(prompt_strategy="pool", prompt_source=str(tmp_path / "pool"))
+    raw["evaluate"].update(prompt_strategy="pool", few_shot_source=str(tmp_path / "pool"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     evaluate = load_params(tmp_path / "params.yaml").evaluate
 
@@ -236,8 +236,9 @@ def test_feedback_normals_join_each_models_own_prompt_source(tmp_path: Path) -> 
         return build_arguments(spec, spec.evaluation_kwargs(evaluate), tmp_path / "dataset", "brick", feedback)
 
     with_feedback, without = Feedback(normal=marked, hard=[]), Feedback(normal=[], hard=[])
-    assert arguments("metauas", with_feedback)["prompt_source"] == [*pool, *marked]
+    assert arguments("metauas", with_feedback)["few_shot_source"] == [*pool, *marked]
     assert arguments("inctrl", with_feedback)["few_shot_source"] == [*train, *marked]  # not MetaUAS's pool
-    assert arguments("metauas", without)["prompt_source"] == str(tmp_path / "pool")
+    assert arguments("nearest_patch", with_feedback)["few_shot_source"] == [*train, *marked]
+    assert arguments("metauas", without)["few_shot_source"] == str(tmp_path / "pool")
     assert "few_shot_source" not in arguments("inctrl", without)
     assert arguments("faprompt", with_feedback) == get_spec("faprompt").evaluation_kwargs(evaluate)

@@ -25,15 +25,17 @@ if TYPE_CHECKING:
     from anomalib_uas.models.faprompt import FAPrompt
     from anomalib_uas.models.inctrl import InCTRL
     from anomalib_uas.models.metauas import MetaUAS
+    from anomalib_uas.models.nearest_patch import NearestPatch
     from anomalib_uas.models.spec import ModelSpec
 
-__all__ = ["MODEL_NAMES", "FAPrompt", "InCTRL", "MetaUAS", "get_spec"]
+__all__ = ["MODEL_NAMES", "FAPrompt", "InCTRL", "MetaUAS", "NearestPatch", "get_spec"]
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "FAPrompt": "anomalib_uas.models.faprompt",
         "InCTRL": "anomalib_uas.models.inctrl",
         "MetaUAS": "anomalib_uas.models.metauas",
+        "NearestPatch": "anomalib_uas.models.nearest_patch",
     },
 )
 
@@ -42,7 +44,7 @@ def get_spec(name: str) -> ModelSpec:
     """The spec of a model, from ``anomalib_uas/models/<name>/spec.py``.
 
     Args:
-        name: ``"metauas"``, ``"inctrl"`` or ``"faprompt"``.
+        name: One of :data:`~anomalib_uas.params.MODEL_NAMES`.
 
     Returns:
         The model's spec.

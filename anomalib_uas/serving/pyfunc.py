@@ -24,7 +24,9 @@ Rows (``dataframe_split``):
 Parameter ``map_format``: ``"png"`` (default, base64 8-bit PNG), ``"array"`` (nested lists of floats) or ``"none"``.
 Response columns: ``pred_score`` (raw), ``pred_label`` (1 = anomalous, at the registered image threshold),
 ``anomaly_map`` and ``pred_mask`` (base64 PNG or arrays, the mask at the registered pixel threshold) at the model's
-input size, and ``threshold_version``, the calibrated decision that drew the label and the mask. Bad input raises
+input size (the map's PNG is drawn on the version's fixed colour range ``threshold_basis["heatmap_range"]``, as the
+review and ``uas predict`` draw it: the scale of raw maps differs between models), and ``threshold_version``, the
+calibrated decision that drew the label and the mask. Bad input raises
 :class:`~anomalib_uas.serving.limits.BadRequest` in :meth:`UASPyfuncModel.score` (the REST status) and
 ``MlflowException(INVALID_PARAMETER_VALUE)`` in :meth:`UASPyfuncModel.predict`.
 
@@ -60,7 +62,9 @@ from mlflow.types.schema import Array
 from mlflow.utils.file_utils import local_file_uri_to_path
 from PIL import Image
 
+from anomalib_uas.calibration import heatmap_png
 from anomalib_uas.data.images import list_images, read_image
+from anomalib_uas.models import get_spec
 from anomalib_uas.models.loading import load_model
 from anomalib_uas.registry import registered_name
 from anomalib_uas.serving.decoding import RequestImages
@@ -99,6 +103,8 @@ OUTPUT_COLUMNS = ("pred_score", "pred_label", "anomaly_map", "pred_mask", "thres
 # The threshold version of a version registered before the calibrate stage existed (its config has no decision):
 # it serves its own thresholds, and `dvc repro` registers the calibrated decision as a new version.
 UNVERSIONED = "unversioned"
+# Model arguments that versions registered before the models shared one set of names stored under their old names.
+RENAMED = {"prompt_source": "few_shot_source", "pretrained": "clip_pretrained"}
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -142,11 +148,10 @@ def load_servable(config: Mapping[str, Any], artifacts: Mapping[str, str]) -> An
         model, transform = module.model, module.pre_processor.transform
         if "prompts" in artifacts:
             prompts = torch.stack([transform(read_image(path)) for path in list_images(artifacts["prompts"])])
-            (model.set_prompt_bank if hasattr(model, "set_prompt_bank") else model.set_prompts)(prompts)
-        if hasattr(model, "set_category"):
-            model.set_category(config["category"])
-        if hasattr(model, "cached_static_text"):  # encoded once here, not racing in the server's threads
-            model.cached_static_text()
+            model.set_prompts(prompts)
+        prepare = get_spec(config["model"]).prepare_serving
+        if prepare is not None:  # once here, not racing in the server's threads
+            prepare(model, config["category"])
     return module
 
 
@@ -271,6 +276,7 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
         self.config = json.loads(Path(artifacts["config"]).read_text())
         if "threshold_version" not in self.config:  # registered before calibration: its thresholds, unversioned
             self.config |= {"threshold_version": UNVERSIONED, "threshold_basis": {"heatmap_range": [0.0, 1.0]}}
+        self.config["kwargs"] = {RENAMED.get(key, key): value for key, value in self.config["kwargs"].items()}
         graph = open_graph(Path(artifacts["graph"]), self.config) if "graph" in artifacts else None
         self.module = load_servable(self.config, artifacts)
         self.transform = self.module.pre_processor.transform
@@ -411,7 +417,7 @@ class UASPyfuncModel(mlflow.pyfunc.PythonModel):
     def _output(self, score: float, anomaly_map: np.ndarray, map_format: str) -> dict[str, Any]:
         mask = anomaly_map > self.config["pixel_threshold"]
         if map_format == "png":
-            encoded_map = _encode_png((np.clip(anomaly_map, 0, 1) * 255).round().astype(np.uint8))
+            encoded_map = _encode_png(heatmap_png(anomaly_map, self.config["threshold_basis"]["heatmap_range"]))
             encoded_mask = _encode_png(mask.astype(np.uint8) * 255)
         elif map_format == "array":
             encoded_map, encoded_mask = json.dumps(anomaly_map.round(5).tolist()), json.dumps(mask.astype(int).tolist())

@@ -102,11 +102,12 @@ def main(
 def build_arguments(
     spec: ModelSpec, kwargs: dict[str, Any], dataset: Path, category: str, feedback: Feedback
 ) -> dict[str, Any]:
-    """A model's arguments for one category: with feedback normals, its own prompt source becomes a pool.
+    """A model's arguments for one category: with feedback normals, its own few-shot source becomes a pool.
 
-    The pool starts from the model's own prompt source (``kwargs[spec.prompt_pool]``: MetaUAS's
-    ``evaluate.prompt_source`` with the ``pool`` strategy, otherwise the category's ``train/good``) and adds the
-    category's feedback normals, so no model is handed another model's source.
+    The few-shot source reaches an evaluated model on this one route: its spec's ``evaluation_kwargs`` (the only
+    reader of ``evaluate.few_shot_source``) give ``kwargs[spec.prompt_pool]`` (MetaUAS: ``evaluate.few_shot_source``;
+    InCTRL: none, the category's ``train/good``), and the pool adds the category's feedback normals to it, so no
+    model is handed another model's source.
 
     Args:
         spec: The model's spec.

@@ -54,7 +54,7 @@ def main(model: str, params_file: Path, weights_dir: Path, output: Path) -> Stat
                     files = spec.train(params, weights_dir, staging, run.pop("logger"))
                 extra = run
             else:
-                files, extra = spec.fetch(source, params, weights_dir), {}
+                files, extra = spec.fetch(source, params, weights_dir, staging), {}
         except WeightsNotFoundError as exc:
             if not spec.optional:
                 raise WeightsError(str(exc)) from exc

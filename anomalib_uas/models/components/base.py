@@ -1,6 +1,6 @@
 # Copyright (C) 2026 anomalib-uas contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Lightning behaviour shared by the three models.
+"""Lightning behaviour shared by the models of the package.
 
 Probability post-processing, the metrics, no validation data of their own, and the switch between inference
 (one-, few- or zero-shot) and training runs.
@@ -66,15 +66,15 @@ class UniversalModelMixin:
     """Mixin for an ``AnomalibModule`` whose scores and maps are probabilities and that trains only when asked.
 
     A subclass names its learning type for inference (:attr:`INFERENCE_LEARNING_TYPE`) and the boolean attribute
-    that turns a training run on (:attr:`TRAINING_FLAG`, e.g. ``meta_train``).
+    that turns a training run on (:attr:`TRAINING_FLAG`, e.g. ``meta_train``; ``None`` for a model that never trains).
     """
 
     INFERENCE_LEARNING_TYPE: ClassVar[LearningType]
-    TRAINING_FLAG: ClassVar[str]
+    TRAINING_FLAG: ClassVar[str | None]
 
     @property
     def _trains(self) -> bool:
-        return bool(getattr(self, self.TRAINING_FLAG))
+        return self.TRAINING_FLAG is not None and bool(getattr(self, self.TRAINING_FLAG))
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

@@ -42,14 +42,14 @@ class ClipModelFiles:
     Args:
         model: Model name (``inctrl``, ``faprompt``); ``weights/<model>/`` is its folder.
         clip_model: open_clip architecture of the official model.
-        pretrained: open_clip pretrained tag of the CLIP weights the model was trained with.
+        clip_pretrained: open_clip pretrained tag of the CLIP weights the model was trained with.
         official_checkpoint: The official checkpoint's path inside ``weights/<model>/``.
         published_at: Where the authors publish the official checkpoint.
     """
 
     model: str
     clip_model: str
-    pretrained: str
+    clip_pretrained: str
     official_checkpoint: str
     published_at: str
 
@@ -65,7 +65,7 @@ class ClipModelFiles:
         """
         import open_clip
 
-        url = (open_clip.get_pretrained_cfg(clip_model, self.pretrained) or {}).get("url") or None
+        url = (open_clip.get_pretrained_cfg(clip_model, self.clip_pretrained) or {}).get("url") or None
         return (url.rstrip("/").rsplit("/", 1)[-1] if url else f"{clip_model}.pt"), url
 
     def find_checkpoint(self, source: str, folder: Path) -> tuple[Path | None, str]:
@@ -132,7 +132,7 @@ class ClipModelFiles:
                 return resolve_weights(url), ""
             except WeightsNotFoundError as exc:
                 logger.info("CLIP weights of %s not downloaded: %s", self.model, exc)
-        where = f"from {url} (open_clip {clip_model} / {self.pretrained})" if url else "(no published file)"
+        where = f"from {url} (open_clip {clip_model} / {self.clip_pretrained})" if url else "(no published file)"
         return None, (
             f"the {clip_model} CLIP weights {name} {where} are missing: put the file at {folder / name} or in the "
             f"weights cache {weights_dir()} (environment variable UAS_WEIGHTS_DIR), or set {key} in params.yaml to "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from anomalib_uas.models.components.clip_files import ClipModelFiles, train_auxiliary
 from anomalib_uas.models.faprompt.checkpoint import read_official
 from anomalib_uas.models.faprompt.lightning_model import FAPrompt
-from anomalib_uas.models.faprompt.torch_model import REFERENCE_SIZE
+from anomalib_uas.models.faprompt.torch_model import REFERENCE_SIZE, FAPromptModel
 from anomalib_uas.models.spec import ModelFiles, ModelSpec
 
 if TYPE_CHECKING:
@@ -29,13 +29,14 @@ __all__ = ["SPEC"]
 FILES = ClipModelFiles(
     model="faprompt",
     clip_model="ViT-L-14-336",
-    pretrained="openai",
+    clip_pretrained="openai",
     official_checkpoint="epoch_15.pth",
     published_at="the `epoch_<N>.pth` prompt-learner checkpoint linked from github.com/mala-lab/FAPrompt",
 )
 
 
-def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
+def _fetch(source: str, params: Params, folder: Path, output: Path) -> ModelFiles:
+    del output  # the files are the user's or downloaded; the weights stage copies them
     config = params.models_config.faprompt
     checkpoint, problem = FILES.find_checkpoint(source, folder)
     clip, clip_problem = FILES.find_clip(config, folder, download=checkpoint is not None)
@@ -79,6 +80,11 @@ def _evaluation_kwargs(evaluate: EvaluateParams) -> dict[str, Any]:
     return {}
 
 
+def _prepare_serving(model: FAPromptModel, category: str) -> None:
+    del category  # zero-shot with category-agnostic prompts
+    model.cached_static_text()  # the static text features, encoded once
+
+
 SPEC = ModelSpec(
     name="faprompt",
     module_class=FAPrompt,
@@ -89,4 +95,5 @@ SPEC = ModelSpec(
     evaluation_kwargs=_evaluation_kwargs,
     official_files=FILES.published_at,
     optional=True,
+    prepare_serving=_prepare_serving,
 )

@@ -275,10 +275,10 @@ class FAPromptModel(nn.Module):
         Returns:
             ``[B, E]`` embeddings (unnormalised).
         """
-        return self.encode_image(images)[0]
+        return self.encode_images(images)[0]
 
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the vision transformer with the dual (original and V-V) path in the last blocks.
 
         Args:
@@ -394,7 +394,7 @@ class FAPromptModel(nn.Module):
         Returns:
             The per-patch probabilities of both passes, the image logits and what the losses need.
         """
-        image_features, patch_features = self.encode_image(images)
+        image_features, patch_features = self.encode_images(images)
         image_features = F.normalize(image_features, dim=-1)
         patches = F.normalize(patch_features, dim=-1)[:, 1:]
         if self.training:

@@ -43,8 +43,8 @@ from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 
-from anomalib_uas.data.images import list_images, read_image
 from anomalib_uas.models.components.base import UniversalModelMixin
+from anomalib_uas.models.components.prompts import PromptedModelMixin
 from anomalib_uas.models.components.references import seeded_choice
 from anomalib_uas.models.inctrl.checkpoint import load_official, read_official, split_official
 from anomalib_uas.models.inctrl.torch_model import FEATURE_LAYERS, InCTRLModel
@@ -128,13 +128,13 @@ class _AuxiliaryPool:
         return [candidates[i] for i in order.tolist()]
 
 
-class InCTRL(UniversalModelMixin, AnomalibModule):
+class InCTRL(PromptedModelMixin, UniversalModelMixin, AnomalibModule):
     """InCTRL few-shot generalist anomaly detection.
 
     Args:
         clip_model: open_clip model: ``"ViT-B-16-plus-240"`` (official), or ``"uas-tiny-ViT-B-16-plus-240"`` for
             tests.
-        pretrained: open_clip pretrained tag of the CLIP weights; used when neither ``clip_weights`` nor a
+        clip_pretrained: open_clip pretrained tag of the CLIP weights; used when neither ``clip_weights`` nor a
             ``weights`` file with a CLIP tower gives them. ``None`` leaves CLIP random (tests, timing).
         clip_weights: Local file with the CLIP weights (open_clip key names); takes precedence over the rest.
         weights: InCTRL checkpoint: an official ``checkpoint.pyth`` (CLIP included), a file of the trained parts,
@@ -164,7 +164,7 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
     def __init__(
         self,
         clip_model: str = "ViT-B-16-plus-240",
-        pretrained: str | None = "laion400m_e32",
+        clip_pretrained: str | None = "laion400m_e32",
         clip_weights: str | None = None,
         weights: str | None = None,
         k_shot: int = 2,
@@ -201,7 +201,7 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
             torch.manual_seed(seed)
             self.model = InCTRLModel(
                 clip_model,
-                pretrained=None if clip_from_file else pretrained,
+                clip_pretrained=None if clip_from_file else clip_pretrained,
                 clip_weights=clip_weights,
                 feature_layers=feature_layers,
             )
@@ -216,8 +216,7 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.probabilities_as_logits = probabilities_as_logits
-        self.prompt_paths: list[str] = []
-        self._prompt_images: torch.Tensor | None = None
+        self.init_prompts()
         self._checkpoint_category: str | None = None
         self._pool: _AuxiliaryPool | None = None
         self._train_generator = torch.Generator().manual_seed(seed)
@@ -276,9 +275,6 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.learning_rate, betas=(0.9, 0.999), weight_decay=self.weight_decay)
 
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
     def _resolve_category(self) -> str | None:
         if self.category:
             return self.category
@@ -306,25 +302,21 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
                     raise ValueError(msg)
                 self._pool = _AuxiliaryPool(datamodule, self._resolve_category() or DEFAULT_CATEGORY)
             return
-        images = self._collect_prompt_images()
-        if images is not None:
-            self._prompt_images = images
+        self.collect_prompts()
 
     def _transform(self, image: torch.Tensor) -> torch.Tensor:
         return self.pre_processor.transform(image) if self.pre_processor is not None else image
 
-    def _collect_prompt_images(self) -> torch.Tensor | None:
-        if self.few_shot_source is not None:
-            return self._prompt_images_from_source()
-        train_data = getattr(self._datamodule(), "train_data", None)
-        if train_data is None:
-            return None
-        normal = [i for i, label in enumerate(train_data.samples.label_index) if int(label) == 0]
-        normal = [normal[i] for i in seeded_choice(len(normal), self.k_shot, self.seed)]
-        self.prompt_paths = [str(train_data.samples.image_path.iloc[i]) for i in normal]
-        return torch.stack([self._transform(train_data[i].image) for i in normal])
+    def source_prompts(self) -> torch.Tensor:
+        """The prompt images of ``few_shot_source``: images, or an official ``<category>.pt`` prompt file.
 
-    def _prompt_images_from_source(self) -> torch.Tensor:
+        Returns:
+            The pre-processed prompt images; ``prompt_paths`` names them.
+
+        Raises:
+            FileNotFoundError: A folder of prompt files without the category's.
+            ValueError: A prompt file of another format, or fewer images than ``k_shot``.
+        """
         source = self.few_shot_source
         if isinstance(source, str | Path):
             path = Path(source)
@@ -337,10 +329,7 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
                     raise FileNotFoundError(msg)
             if path.suffix == ".pt":
                 return self._prompt_file(path)
-        paths = list_images(source)
-        paths = [paths[i] for i in seeded_choice(len(paths), self.k_shot, self.seed)]
-        self.prompt_paths = [str(path) for path in paths]
-        return torch.stack([self._transform(read_image(path)) for path in paths])
+        return super().source_prompts()
 
     def _prompt_file(self, path: Path) -> torch.Tensor:
         try:
@@ -370,16 +359,7 @@ class InCTRL(UniversalModelMixin, AnomalibModule):
         if self.auxiliary_training:
             self._eval_generator = torch.Generator().manual_seed(self.seed)
             return
-        if self._prompt_images is not None:
-            self.model.set_prompts(self._prompt_images.to(self.device))
-            self._prompt_images = None
-        elif not self.model.has_prompts:
-            msg = (
-                "InCTRL has no prompt images. Give a datamodule with normal training images, set few_shot_source to "
-                "a folder, a list of normal images or a <category>.pt prompt file, or load a checkpoint that holds "
-                "prompt features."
-            )
-            raise RuntimeError(msg)
+        self.encode_prompts()
         category = self._resolve_category()
         if category is None and not self.model.text_features.numel():
             logger.info("No category name for the text prompts; using %r", DEFAULT_CATEGORY)

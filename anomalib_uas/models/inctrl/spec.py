@@ -22,6 +22,7 @@ from anomalib_uas.models.spec import ModelFiles, ModelSpec
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
+    from anomalib_uas.models.inctrl.torch_model import InCTRLModel
     from anomalib_uas.params import EvaluateParams, Params
 
 __all__ = ["SPEC"]
@@ -29,14 +30,15 @@ __all__ = ["SPEC"]
 FILES = ClipModelFiles(
     model="inctrl",
     clip_model="ViT-B-16-plus-240",
-    pretrained="laion400m_e32",
+    clip_pretrained="laion400m_e32",
     official_checkpoint="2/checkpoint.pyth",
     published_at="`checkpoints/<k>/checkpoint.pyth` (k = 2, 4, 8; it holds its CLIP weights) from the authors' "
     "Google Drive folder 1McmfxF8_H0BeRvcJ_poGIB-ATQCDDEIa (linked from github.com/mala-lab/InCTRL)",
 )
 
 
-def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
+def _fetch(source: str, params: Params, folder: Path, output: Path) -> ModelFiles:
+    del output  # the files are the user's or downloaded; the weights stage copies them
     config = params.models_config.inctrl
     checkpoint, problem = FILES.find_checkpoint(source, folder)
     if checkpoint is None:
@@ -63,7 +65,7 @@ def _train(params: Params, folder: Path, output: Path, engine_logger: Logger | b
     def build(clip_model: str, clip_weights: Path) -> InCTRL:
         return InCTRL(
             clip_model=clip_model,
-            pretrained=None,
+            clip_pretrained=None,
             clip_weights=str(clip_weights),
             k_shot=recipe.k_shot,
             auxiliary_training=True,
@@ -84,6 +86,10 @@ def _evaluation_kwargs(evaluate: EvaluateParams) -> dict[str, Any]:
     return {"k_shot": evaluate.k_shot, "seed": evaluate.seed}  # k normal prompts drawn from the normal train images
 
 
+def _prepare_serving(model: InCTRLModel, category: str) -> None:
+    model.set_category(category)  # the category's text features, encoded once
+
+
 SPEC = ModelSpec(
     name="inctrl",
     module_class=InCTRL,
@@ -95,4 +101,5 @@ SPEC = ModelSpec(
     prompt_pool="few_shot_source",
     official_files=FILES.published_at,
     optional=True,
+    prepare_serving=_prepare_serving,
 )

@@ -172,8 +172,8 @@ class InCTRLModel(DynamicBufferMixin, nn.Module):
     Args:
         clip_model: open_clip model name: ``"ViT-B-16-plus-240"`` (the official backbone) or a configuration of
             the same family such as ``"uas-tiny-ViT-B-16-plus-240"`` for tests.
-        pretrained: open_clip pretrained tag of the CLIP weights (``"laion400m_e32"``), ``None`` for none.
-        clip_weights: Local file with the CLIP weights; takes precedence over ``pretrained``.
+        clip_pretrained: open_clip pretrained tag of the CLIP weights (``"laion400m_e32"``), ``None`` for none.
+        clip_weights: Local file with the CLIP weights; takes precedence over ``clip_pretrained``.
         feature_layers: 1-based blocks whose raw residual stream gives the patch features; all before the last
             block.
 
@@ -184,13 +184,13 @@ class InCTRLModel(DynamicBufferMixin, nn.Module):
     def __init__(
         self,
         clip_model: str = "ViT-B-16-plus-240",
-        pretrained: str | None = None,
+        clip_pretrained: str | None = None,
         clip_weights: str | Path | None = None,
         feature_layers: Sequence[int] = FEATURE_LAYERS,
     ) -> None:
         super().__init__()
         self.clip_model = clip_model
-        self.clip = load_clip(clip_model, pretrained=pretrained, weights=clip_weights)
+        self.clip = load_clip(clip_model, pretrained=clip_pretrained, weights=clip_weights)
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
         if (

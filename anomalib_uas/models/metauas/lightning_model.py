@@ -5,11 +5,11 @@
 Prompt images are chosen reproducibly and encoded once into buffers that are saved with the model:
 
 * ``"random"`` (the paper's protocol): ``k_shot`` seeded normal images of the category (from the datamodule's
-  normal training images, or from ``prompt_source``), shared by every query;
+  normal training images, or from ``few_shot_source``), shared by every query;
 * ``"retrieval"`` (MetaUAS*): for each query the ``k_shot`` most similar normal images of the category, by
   cosine similarity of global last-level features;
 * ``"pool"``: the same retrieval over a class-agnostic folder of normal images of many categories
-  (``prompt_source``).
+  (``few_shot_source``).
 
 Checkpoints carry their architecture (:mod:`~anomalib_uas.models.metauas.checkpoint`), so one call loads the
 official files and the ones trained offline alike, in eval mode; :meth:`MetaUAS.set_prompts` sets the prompts
@@ -44,9 +44,8 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_uas.data.images import list_images, read_image
 from anomalib_uas.models.components.base import UniversalModelMixin
-from anomalib_uas.models.components.references import seeded_choice
+from anomalib_uas.models.components.prompts import PromptedModelMixin
 from anomalib_uas.models.components.transforms import SizedPreProcessor
 from anomalib_uas.models.metauas.checkpoint import (
     OFFICIAL_BACKBONE,
@@ -85,7 +84,7 @@ def _resolve_architecture(weights: str | None, given: dict[str, Any]) -> dict[st
     }
 
 
-class MetaUAS(UniversalModelMixin, AnomalibModule):
+class MetaUAS(PromptedModelMixin, UniversalModelMixin, AnomalibModule):
     """MetaUAS universal anomaly segmentation.
 
     The architecture arguments (``backbone``, ``fusion``, ``decoder_channels``, ``image_size``) left at ``None``
@@ -104,7 +103,7 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
             another size than it was trained at gives a warning.
         k_shot: Prompt images per query.
         prompt_strategy: ``"random"``, ``"retrieval"`` or ``"pool"`` (see the module docstring).
-        prompt_source: A folder or a list of normal images. Required for ``"pool"``; for ``"random"`` and
+        few_shot_source: A folder or a list of normal images. Required for ``"pool"``; for ``"random"`` and
             ``"retrieval"`` it replaces the datamodule's normal training images (e.g. for predict).
         seed: Seed of the random prompt choice and of the initialisation of layers no checkpoint overwrites.
         alignment: ``"soft"`` or ``"hard"``.
@@ -123,7 +122,7 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
 
     Raises:
         ValueError: For an image size that is not a multiple of 32, an unknown strategy, or ``"pool"`` without
-            ``prompt_source``.
+            ``few_shot_source``.
     """
 
     INFERENCE_LEARNING_TYPE = LearningType.FEW_SHOT
@@ -137,7 +136,7 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
         image_size: int | None = None,
         k_shot: int = 1,
         prompt_strategy: str = "random",
-        prompt_source: str | Sequence[str] | None = None,
+        few_shot_source: str | Sequence[str] | None = None,
         seed: int = 0,
         alignment: str = "soft",
         fusion: str | None = None,
@@ -164,8 +163,8 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
         if prompt_strategy not in PROMPT_STRATEGIES:
             msg = f"prompt_strategy must be one of {PROMPT_STRATEGIES}, got {prompt_strategy!r}."
             raise ValueError(msg)
-        if prompt_strategy == "pool" and prompt_source is None:
-            msg = "prompt_strategy='pool' searches a folder of normal images: set prompt_source to that folder."
+        if prompt_strategy == "pool" and few_shot_source is None:
+            msg = "prompt_strategy='pool' searches a folder of normal images: set few_shot_source to that folder."
             raise ValueError(msg)
         super().__init__(
             pre_processor=self.configure_pre_processor(image_size) if pre_processor is True else pre_processor,
@@ -189,16 +188,14 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
             )
         self.weights = weights
         self.prompt_strategy = prompt_strategy
-        self.prompt_source = prompt_source
+        self.few_shot_source = few_shot_source
         self.k_shot = k_shot
         self.seed = seed
         self.meta_train = meta_train
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self._weights_loaded = weights is None
-        self._prompt_images: torch.Tensor | None = None
-        self.prompt_paths: list[str] = []
-        self._prompts_fixed = False
+        self.init_prompts()
         self.loss = nn.BCEWithLogitsLoss()
         if not meta_train:
             self.eval()
@@ -371,81 +368,7 @@ class MetaUAS(UniversalModelMixin, AnomalibModule):
         if self.meta_train and stage == "fit":
             self.model.to(memory_format=torch.channels_last)
             return
-        if self._prompts_fixed:
-            return
-        images = self._collect_prompt_images()
-        if images is not None:
-            self._prompt_images = images
-
-    def set_prompts(self, images: torch.Tensor | str | Path | Sequence[str | Path]) -> None:
-        """Encode these normal prompt images now and keep them for every later forward, test or predict.
-
-        Use it outside Engine, or to override the datamodule's prompts: once set, ``setup`` no longer draws prompts.
-
-        Args:
-            images: Images in ``[0, 1]``, ``[N, 3, H, W]`` or ``[3, H, W]`` (the pre-processor resizes and
-                normalises them), or a folder, an image file or a list of image files. Without retrieval
-                ``N`` must equal ``k_shot``.
-        """
-        transform = self.pre_processor.transform if self.pre_processor is not None else None
-        if isinstance(images, torch.Tensor):
-            batch = list(images.unsqueeze(0) if images.dim() == 3 else images)
-            paths: list[str] = []
-        else:
-            files = list_images(images)
-            batch = [read_image(path) for path in files]
-            paths = [str(path) for path in files]
-        prompts = torch.stack([transform(image) if transform is not None else image for image in batch])
-        self.model.set_prompts(prompts.to(self.device))
-        self.prompt_paths = paths
-        self._prompt_images = None
-        self._prompts_fixed = True
-
-    def _collect_prompt_images(self) -> torch.Tensor | None:
-        transform = self.pre_processor.transform if self.pre_processor is not None else None
-        if self.prompt_source is not None:
-            paths = list_images(self.prompt_source)
-            if self.prompt_strategy == "random":
-                paths = [paths[i] for i in seeded_choice(len(paths), self.k_shot, self.seed)]
-            images = [read_image(path) for path in paths]
-            self.prompt_paths = [str(path) for path in paths]
-        else:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            train_data = getattr(datamodule, "train_data", None)
-            if train_data is None:
-                return None
-            normal = [i for i, label in enumerate(train_data.samples.label_index) if int(label) == 0]
-            if self.prompt_strategy == "random":
-                normal = [normal[i] for i in seeded_choice(len(normal), self.k_shot, self.seed)]
-            elif len(normal) < self.k_shot:
-                msg = f"Retrieval needs at least k_shot={self.k_shot} normal training images, found {len(normal)}."
-                raise ValueError(msg)
-            images = [train_data[i].image for i in normal]
-            self.prompt_paths = [str(train_data.samples.image_path.iloc[i]) for i in normal]
-        return torch.stack([transform(image) if transform is not None else image for image in images])
-
-    def _encode_prompts(self) -> None:
-        if self._prompt_images is not None:
-            self.model.set_prompts(self._prompt_images.to(self.device))
-            self._prompt_images = None
-        elif not self.model.has_prompts:
-            msg = (
-                "MetaUAS has no prompt images. Give a datamodule with normal training images, set prompt_source to "
-                "a folder or list of normal images, or load a checkpoint that holds a prompt bank."
-            )
-            raise RuntimeError(msg)
-
-    def on_validation_start(self) -> None:
-        """Encode the prompt images before validation."""
-        self._encode_prompts()
-
-    def on_test_start(self) -> None:
-        """Encode the prompt images before testing."""
-        self._encode_prompts()
-
-    def on_predict_start(self) -> None:
-        """Encode the prompt images before prediction."""
-        self._encode_prompts()
+        self.collect_prompts()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Mark the weights as restored so that ``weights`` is not read again.

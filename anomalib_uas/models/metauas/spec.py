@@ -40,8 +40,8 @@ def _files(checkpoint: Path, description: str) -> ModelFiles:
     )
 
 
-def _fetch(source: str, params: Params, folder: Path) -> ModelFiles:
-    del params
+def _fetch(source: str, params: Params, folder: Path, output: Path) -> ModelFiles:
+    del params, output  # the files are the user's or downloaded; the weights stage copies them
     names = ", ".join(OFFICIAL_WEIGHTS)
     if source in OFFICIAL_WEIGHTS:
         local = folder / OFFICIAL_WEIGHTS[source].filename
@@ -82,7 +82,7 @@ def _evaluation_kwargs(evaluate: EvaluateParams) -> dict[str, Any]:
         "image_size": evaluate.image_size,
         "k_shot": evaluate.k_shot,
         "prompt_strategy": evaluate.prompt_strategy,
-        "prompt_source": evaluate.prompt_source,
+        "few_shot_source": evaluate.few_shot_source,
         "seed": evaluate.seed,
     }
 
@@ -95,6 +95,6 @@ SPEC = ModelSpec(
     fetch=_fetch,
     train=_train,
     evaluation_kwargs=_evaluation_kwargs,
-    prompt_pool="prompt_source",
+    prompt_pool="few_shot_source",
     official_files=f"the official checkpoints {', '.join(OFFICIAL_WEIGHTS)} (downloaded with sha256 when online)",
 )

@@ -392,7 +392,7 @@ class MetaUASModel(nn.Module):
         """
         return self.prompt_bank_0.numel() > 0
 
-    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Run the encoder (without gradients unless ``train_encoder``).
 
         Args:
@@ -417,7 +417,7 @@ class MetaUASModel(nn.Module):
         Returns:
             ``[N, D]`` embeddings (``D`` = channels of the deepest level).
         """
-        return self.encode(images)[-1].mean(dim=(2, 3))
+        return self.encode_images(images)[-1].mean(dim=(2, 3))
 
     @torch.no_grad()
     def set_prompts(self, images: torch.Tensor, batch_size: int = 16) -> None:
@@ -434,14 +434,12 @@ class MetaUASModel(nn.Module):
         if (not self.retrieval and count != self.k_shot) or count < self.k_shot:
             msg = f"Got {count} prompt images for k_shot={self.k_shot} (retrieval={self.retrieval})."
             raise ValueError(msg)
-        chunks = [self.encode(images[i : i + batch_size])[-ALIGNED_LEVELS:] for i in range(0, count, batch_size)]
+        chunks = [self.encode_images(images[i : i + batch_size])[-ALIGNED_LEVELS:] for i in range(0, count, batch_size)]
         # Lightning validates under inference mode; a normal tensor keeps the bank usable by export and autograd.
         with torch.inference_mode(mode=False):
             for level in range(ALIGNED_LEVELS):
                 stacked = torch.cat([chunk[ALIGNED_LEVELS - 1 - level] for chunk in chunks])
                 setattr(self, f"prompt_bank_{level}", stacked.clone(memory_format=torch.contiguous_format))
-
-    set_prompt_bank = set_prompts  # the former name: the parity test and anomalib_uas.serving call it
 
     def select_prompts(self, deepest_query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Choose the bank entries each query aligns to.
@@ -504,7 +502,7 @@ class MetaUASModel(nn.Module):
 
     def _logits(self, images: torch.Tensor, prompt_images: torch.Tensor | None) -> torch.Tensor:
         if prompt_images is None:
-            query_levels = self.encode(images)
+            query_levels = self.encode_images(images)
             bank = self.prompt_bank
             index = self.select_prompts(query_levels[-1], bank[0])
             self.last_prompt_index = index
@@ -513,7 +511,7 @@ class MetaUASModel(nn.Module):
                 prompt_images = prompt_images.unsqueeze(1)
             batch, shots = prompt_images.shape[:2]
             # One encoder call for queries and prompts: the frozen encoder treats every image on its own.
-            levels = self.encode(torch.cat([images, prompt_images.flatten(0, 1)]))
+            levels = self.encode_images(torch.cat([images, prompt_images.flatten(0, 1)]))
             query_levels = [level[:batch] for level in levels]
             bank = [levels[-1 - level][batch:] for level in range(ALIGNED_LEVELS)]
             index = torch.arange(batch * shots, device=images.device).view(batch, shots)
