@@ -22,7 +22,10 @@ from anomalib.pre_processing.utils.transform import get_exportable_transform
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-__all__ = ["AlignCornersResize", "SizedPreProcessor"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AlignCornersResize", "SizedPreProcessor", "imagenet_pre_processor"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class AlignCornersResize(Resize):
@@ -96,3 +99,16 @@ class SizedPreProcessor(PreProcessor):
 
 def _compose(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Compose:
     return Compose([AlignCornersResize((image_size, image_size)), Normalize(mean=list(mean), std=list(std))])
+
+
+def imagenet_pre_processor(image_size: tuple[int, int] | int | None = None) -> SizedPreProcessor:
+    """Bilinear ``align_corners=True`` resize to a square, no crop, ImageNet normalisation (the CNN models' input).
+
+    Args:
+        image_size: Square size (an int or an ``(h, w)`` pair with h == w); 256 by default.
+
+    Returns:
+        The pre-processor.
+    """
+    size = image_size if isinstance(image_size, int) else (image_size or (256, 256))[0]
+    return SizedPreProcessor(size, IMAGENET_MEAN, IMAGENET_STD)

@@ -46,7 +46,7 @@ from torch import nn
 
 from anomalib_uas.models.components.base import UniversalModelMixin
 from anomalib_uas.models.components.prompts import PromptedModelMixin
-from anomalib_uas.models.components.transforms import SizedPreProcessor
+from anomalib_uas.models.components.transforms import SizedPreProcessor, imagenet_pre_processor
 from anomalib_uas.models.metauas.checkpoint import (
     OFFICIAL_BACKBONE,
     from_official,
@@ -61,8 +61,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MetaUAS"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PROMPT_STRATEGIES = ("random", "retrieval", "pool")
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "backbone": "efficientnet_lite0",
@@ -311,8 +309,7 @@ class MetaUAS(PromptedModelMixin, UniversalModelMixin, AnomalibModule):
         Returns:
             The pre-processor.
         """
-        size = image_size if isinstance(image_size, int) else (image_size or (256, 256))[0]
-        return SizedPreProcessor(size, IMAGENET_MEAN, IMAGENET_STD)
+        return imagenet_pre_processor(image_size)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW over the trainable parameters when meta-training; nothing otherwise.

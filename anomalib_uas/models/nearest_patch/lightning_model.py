@@ -33,15 +33,12 @@ from torch import nn
 
 from anomalib_uas.models.components.base import UniversalModelMixin
 from anomalib_uas.models.components.prompts import PromptedModelMixin
-from anomalib_uas.models.components.transforms import SizedPreProcessor
+from anomalib_uas.models.components.transforms import SizedPreProcessor, imagenet_pre_processor
 from anomalib_uas.models.nearest_patch.checkpoint import read_checkpoint
 from anomalib_uas.models.nearest_patch.torch_model import NearestPatchModel
 from anomalib_uas.weights import WeightsError
 
 __all__ = ["NearestPatch"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class NearestPatch(PromptedModelMixin, UniversalModelMixin, AnomalibModule):
@@ -146,8 +143,7 @@ class NearestPatch(PromptedModelMixin, UniversalModelMixin, AnomalibModule):
         Returns:
             The pre-processor.
         """
-        size = image_size if isinstance(image_size, int) else (image_size or (256, 256))[0]
-        return SizedPreProcessor(size, IMAGENET_MEAN, IMAGENET_STD)
+        return imagenet_pre_processor(image_size)
 
     @staticmethod
     def configure_optimizers() -> None:
