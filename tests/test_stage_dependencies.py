@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,22 @@ def test_data_paths_are_declared_once_under_vars() -> None:
         assert not literal, f"{name} names data paths outside vars.path: {literal}"
         outs = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage["outs"]]
         assert all(out in stage["cmd"] for out in outs), f"{name}'s command is not given all its outputs"
+
+
+@pytest.mark.parametrize(("name", "model"), [instance for instance in _instances() if instance[1] is not None])
+def test_every_path_dep_of_a_model_stage_is_in_a_fresh_clone(name: str, model: str) -> None:
+    """DVC refuses a stage whose dep is missing: each model's folders (e.g. ``weights/<model>``) are tracked by git."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    produced = {
+        _resolve(out, model)
+        for stage in DVC["stages"].values()
+        for key in ("outs", "metrics", "plots")
+        for item in stage.get(key, [])
+        for out in (item if isinstance(item, dict) else {item: None})
+    }
+    for dep in (_resolve(dep, model) for dep in DVC["stages"][name]["deps"]):
+        if any(dep == out or dep.startswith(out.rstrip("/") + "/") for out in produced):
+            continue  # made by a stage
+        assert any(path == dep or path.startswith(dep.rstrip("/") + "/") for path in tracked), (
+            f"{name}@{model} depends on {dep}, which a fresh clone does not have"
+        )
