@@ -112,7 +112,7 @@ def test_the_nearest_patch_baseline_ran_beside_metauas_and_the_champion_is_never
         registered = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-nearest_patch")
         assert registered.tags["uas.runtime"] == "onnx", registered.tags.get("uas.graph_check")
         champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion")
-        assert float(champion.tags[metric]) >= baseline["categories"][category][metric] - 1e-9
+        assert float(champion.tags[metric]) >= baseline["categories"][category][metric] - 5e-7  # the tag has 6 decimals
         saved = np.load(REPO / "predictions" / "nearest_patch" / category / "predictions.npz")
         assert review[f"uas-nearest_patch-{category}"]["samples"] == len(saved["pred_score"])
 

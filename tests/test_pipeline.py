@@ -132,7 +132,7 @@ def test_the_nearest_patch_model_runs_through_every_stage_and_bounds_the_champio
         baseline = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion-nearest_patch")
         assert baseline.tags["uas.runtime"] == "onnx", baseline.tags.get("uas.graph_check")
         champion = client.get_model_version_by_alias(f"anomalib-uas-{category}", "champion")
-        assert float(champion.tags["pixel_AUPRO"]) >= metrics["categories"][category]["pixel_AUPRO"] - 1e-9
+        assert float(champion.tags["pixel_AUPRO"]) >= metrics["categories"][category]["pixel_AUPRO"] - 5e-7  # tag: .6f
 
 
 def test_second_repro_runs_nothing_and_a_param_reruns_only_dependents(project: tuple[Path, dict[str, str]]) -> None:
