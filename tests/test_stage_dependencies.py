@@ -114,3 +114,13 @@ def test_every_path_dep_of_a_model_stage_is_in_a_fresh_clone(name: str, model: s
         assert any(path == dep or path.startswith(dep.rstrip("/") + "/") for path in tracked), (
             f"{name}@{model} depends on {dep}, which a fresh clone does not have"
         )
+
+
+def test_bytecode_caches_are_not_part_of_a_code_dep() -> None:
+    """Any import writes ``__pycache__/*.pyc`` into the package: hashed, it would rerun stages after `uas serve`."""
+    from dvc.repo import Repo
+
+    ignore = Repo(str(REPO)).dvcignore
+    for folder in ("anomalib_uas/serving", "anomalib_uas/models", "anomalib_uas/models/components"):
+        assert ignore.is_ignored_dir(str(REPO / folder / "__pycache__"))
+        assert ignore.is_ignored_file(str(REPO / folder / "http.cpython-311.pyc"))
