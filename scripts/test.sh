@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the package with its test extras and the browser of the App test, check style, run the whole test suite,
-# then run the numerics tests (export check, parity) again under a second instruction set, so that a tolerance tuned
+# then run the numerics tests (export checks, parity) again under a second instruction set, so that a tolerance tuned
 # on one CPU fails here rather than on a user's machine. With UAS_ACCEPTANCE=1 (set by .ci/run after the main job)
 # the acceptance tests then run on the main job's outputs.
 set -euo pipefail
@@ -24,4 +24,5 @@ if grep -qw avx512f /proc/cpuinfo; then isa=avx2 onednn=AVX2; else isa=default o
 echo "Numerics tests again under ATEN_CPU_CAPABILITY=$isa ONEDNN_MAX_CPU_ISA=$onednn"
 ATEN_CPU_CAPABILITY=$isa ONEDNN_MAX_CPU_ISA=$onednn python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider \
   -k "not serves_the_eager_model" \
-  tests/test_graph_check.py tests/test_metauas_parity.py tests/test_inctrl_parity.py tests/test_faprompt_parity.py
+  tests/test_graph_check.py tests/test_metauas_parity.py tests/test_inctrl_parity.py tests/test_faprompt_parity.py \
+  tests/test_nearest_patch.py
